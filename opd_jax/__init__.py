@@ -1,0 +1,1 @@
+"""opd-jax: on-policy distillation of language models in JAX."""

@@ -1,0 +1,72 @@
+"""gin wiring and the flags every entry point shares.
+
+Every experiment takes `--gin_file` and `--gin_param` (both repeatable) and
+`--workdir`. Bindings are parsed one at a time so a bad one fails with a single
+line that names it, instead of a gin traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import pathlib
+import sys
+from collections.abc import Sequence
+
+import gin
+
+
+class ConfigError(ValueError):
+    """A gin file or binding that cannot be applied; the message names it."""
+
+
+def flag_parser(description: str) -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(description=description)
+    parser.add_argument(
+        "--gin_file", action="append", default=[], help="gin config file (repeatable)"
+    )
+    parser.add_argument(
+        "--gin_param",
+        action="append",
+        default=[],
+        help="gin binding such as 'distill.lmbda=1.0' (repeatable, applied after the files)",
+    )
+    parser.add_argument("--workdir", default=None, help="where checkpoints and logs go")
+    return parser
+
+
+def _one_line(err: Exception) -> str:
+    return " ".join(str(err).split())
+
+
+def apply_gin(gin_files: Sequence[str], gin_params: Sequence[str]) -> None:
+    """Parses the files, then each binding, raising ConfigError that names the culprit."""
+    for path in gin_files:
+        if not pathlib.Path(path).exists():
+            raise ConfigError(f"--gin_file {path}: no such file")
+        try:
+            gin.parse_config_file(path)
+        except Exception as err:  # gin raises ValueError, KeyError, SyntaxError, ...
+            raise ConfigError(f"--gin_file {path}: {_one_line(err)}") from None
+    for binding in gin_params:
+        try:
+            gin.parse_config(binding)
+        except Exception as err:
+            raise ConfigError(f"--gin_param '{binding}': {_one_line(err)}") from None
+
+
+def parse(description: str, argv: Sequence[str] | None = None) -> argparse.Namespace:
+    """Parses the shared flags and applies gin; a bad binding exits with one line."""
+    args = flag_parser(description).parse_args(argv)
+    try:
+        apply_gin(args.gin_file, args.gin_param)
+    except ConfigError as err:
+        sys.exit(f"error: {err}")
+    return args
+
+
+def save_operative_config(workdir: str | pathlib.Path) -> pathlib.Path:
+    """Writes the bindings the run actually used, so a result can be reproduced."""
+    path = pathlib.Path(workdir) / "operative_config.gin"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(gin.operative_config_str())
+    return path

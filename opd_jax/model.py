@@ -1,0 +1,360 @@
+"""One decoder-only transformer for every family we load, as pure functions.
+
+Llama/SmolLM2, Qwen2, Qwen3 and Gemma 3 differ only in config fields (biases, q/k
+norms, post norms, activation, embedding scale, sliding-window layers), so one
+forward serves them all. Params are a plain dict pytree: loaders, LoRA and sharding
+rules all work on it without a module system in the way. Layers are stacked along a
+leading `layers` axis and run under `lax.scan`, which keeps compile time flat in
+depth. Norm scales are stored as the effective multiplier (Gemma's `1 + w` is folded
+in by the loader), so the forward has one RMSNorm.
+
+Shapes are in the names: B batch, T new tokens, S key slots, D model width,
+H query heads, K kv heads, G = H // K, Dh head dim, F mlp width, V vocab, L layers.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+Params = dict[str, Any]
+Cache = dict[str, jax.Array]
+_MASK_VALUE = float(np.finfo(np.float32).min)
+
+
+@dataclasses.dataclass(frozen=True)
+class RopeConfig:
+    """Rotary embedding: base frequency and an optional context-extension scaling."""
+
+    theta: float = 10000.0
+    scaling: str = "default"  # "default" | "linear" | "llama3"
+    factor: float = 1.0
+    low_freq_factor: float = 1.0
+    high_freq_factor: float = 4.0
+    original_max_position: int = 8192
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelConfig:
+    """Architecture of a decoder-only transformer; hashable so jit can take it static."""
+
+    vocab_size: int
+    d_model: int
+    n_layers: int
+    n_heads: int
+    n_kv_heads: int
+    head_dim: int
+    mlp_dim: int
+    rope: RopeConfig = RopeConfig()
+    local_rope: RopeConfig | None = None  # Gemma 3 sliding layers use their own base
+    norm_eps: float = 1e-5
+    tie_embeddings: bool = True
+    qkv_bias: bool = False  # Qwen2
+    qk_norm: bool = False  # Qwen3, Gemma 3
+    post_norms: bool = False  # Gemma 3: norms after attention and after the MLP too
+    activation: str = "silu"  # "silu" | "gelu_tanh"
+    embed_scale: bool = False  # Gemma: embeddings times sqrt(d_model)
+    query_pre_attn_scalar: float | None = None  # attention scale^-2; None -> head_dim
+    sliding_window: int | None = None
+    sliding_layers: tuple[bool, ...] = ()  # per layer; empty means all global
+    family: str = "llama"  # which HF architecture the weights come from and export to
+
+    def __post_init__(self):
+        if self.n_heads % self.n_kv_heads:
+            raise ValueError(
+                f"n_heads={self.n_heads} is not a multiple of n_kv_heads={self.n_kv_heads}"
+            )
+        if self.sliding_layers and len(self.sliding_layers) != self.n_layers:
+            raise ValueError(
+                f"sliding_layers has {len(self.sliding_layers)} entries for {self.n_layers} layers"
+            )
+        if any(self.sliding_layers) and not self.sliding_window:
+            raise ValueError("sliding_layers are set but sliding_window is not")
+        if self.activation not in _ACTIVATIONS:
+            raise ValueError(f"activation {self.activation!r} is not one of {sorted(_ACTIVATIONS)}")
+
+    @property
+    def is_sliding(self) -> tuple[bool, ...]:
+        return self.sliding_layers or (False,) * self.n_layers
+
+
+_ACTIVATIONS = {
+    "silu": jax.nn.silu,
+    "gelu_tanh": lambda x: jax.nn.gelu(x, approximate=True),
+}
+
+
+def param_shapes(config: ModelConfig) -> dict[str, Any]:
+    """Every parameter's shape and logical axis names, the one source for init and sharding."""
+    c = config
+    L, D, H, K, Dh, F = c.n_layers, c.d_model, c.n_heads, c.n_kv_heads, c.head_dim, c.mlp_dim
+    layers = {
+        "attn_norm": ((L, D), ("layers", "embed")),
+        "q": ((L, D, H, Dh), ("layers", "embed", "heads", "head_dim")),
+        "k": ((L, D, K, Dh), ("layers", "embed", "kv_heads", "head_dim")),
+        "v": ((L, D, K, Dh), ("layers", "embed", "kv_heads", "head_dim")),
+        "o": ((L, H, Dh, D), ("layers", "heads", "head_dim", "embed")),
+        "mlp_norm": ((L, D), ("layers", "embed")),
+        "gate": ((L, D, F), ("layers", "embed", "mlp")),
+        "up": ((L, D, F), ("layers", "embed", "mlp")),
+        "down": ((L, F, D), ("layers", "mlp", "embed")),
+    }
+    if c.qkv_bias:
+        layers["q_bias"] = ((L, H, Dh), ("layers", "heads", "head_dim"))
+        layers["k_bias"] = ((L, K, Dh), ("layers", "kv_heads", "head_dim"))
+        layers["v_bias"] = ((L, K, Dh), ("layers", "kv_heads", "head_dim"))
+    if c.qk_norm:
+        layers["q_norm"] = ((L, Dh), ("layers", "head_dim"))
+        layers["k_norm"] = ((L, Dh), ("layers", "head_dim"))
+    if c.post_norms:
+        layers["post_attn_norm"] = ((L, D), ("layers", "embed"))
+        layers["post_mlp_norm"] = ((L, D), ("layers", "embed"))
+    shapes = {
+        "embed": ((c.vocab_size, D), ("vocab", "embed")),
+        "layers": layers,
+        "final_norm": ((D,), ("embed",)),
+    }
+    if not c.tie_embeddings:
+        shapes["lm_head"] = ((D, c.vocab_size), ("embed", "vocab"))
+    return shapes
+
+
+def _is_leaf_spec(x: Any) -> bool:
+    return isinstance(x, tuple) and len(x) == 2 and isinstance(x[1], tuple)
+
+
+def param_axes(config: ModelConfig) -> Params:
+    """The logical axis names of every parameter, as a pytree shaped like the params."""
+    return jax.tree.map(lambda spec: spec[1], param_shapes(config), is_leaf=_is_leaf_spec)
+
+
+def init_params(config: ModelConfig, key: jax.Array, dtype: Any = jnp.float32) -> Params:
+    """Random init (normal 0.02, unit norm scales, zero biases) for students trained from scratch."""
+    specs = param_shapes(config)
+    leaves, treedef = jax.tree.flatten(specs, is_leaf=_is_leaf_spec)
+    paths = [
+        jax.tree_util.keystr(p) for p, _ in jax.tree.flatten_with_path(specs, _is_leaf_spec)[0]
+    ]
+    keys = jax.random.split(key, len(leaves))
+
+    def init_one(path: str, spec: tuple, k: jax.Array) -> jax.Array:
+        shape, _ = spec
+        if "norm" in path:
+            return jnp.ones(shape, dtype)
+        if "bias" in path:
+            return jnp.zeros(shape, dtype)
+        return (0.02 * jax.random.normal(k, shape, jnp.float32)).astype(dtype)
+
+    return jax.tree.unflatten(
+        treedef, [init_one(*a) for a in zip(paths, leaves, keys, strict=True)]
+    )
+
+
+def rope_inv_freq(rope: RopeConfig, head_dim: int) -> np.ndarray:
+    """Inverse frequencies of the rotary embedding, with Llama 3 / linear scaling."""
+    inv_freq = 1.0 / (rope.theta ** (np.arange(0, head_dim, 2, dtype=np.float32) / head_dim))
+    if rope.scaling == "default":
+        return inv_freq
+    if rope.scaling == "linear":
+        return inv_freq / rope.factor
+    if rope.scaling != "llama3":
+        raise ValueError(f"rope scaling {rope.scaling!r} is not supported")
+    low_wavelen = rope.original_max_position / rope.low_freq_factor
+    high_wavelen = rope.original_max_position / rope.high_freq_factor
+    wavelen = 2 * math.pi / inv_freq
+    scaled = np.where(wavelen > low_wavelen, inv_freq / rope.factor, inv_freq)
+    smooth = (rope.original_max_position / wavelen - rope.low_freq_factor) / (
+        rope.high_freq_factor - rope.low_freq_factor
+    )
+    smoothed = (1 - smooth) * scaled / rope.factor + smooth * scaled
+    is_medium = (wavelen >= high_wavelen) & (wavelen <= low_wavelen)
+    return np.where(is_medium, smoothed, scaled).astype(np.float32)
+
+
+def _rotate(x_BxTxNxDh: jax.Array, positions_BxT: jax.Array, inv_freq: np.ndarray) -> jax.Array:
+    """Rotary embedding in the half-split layout that HF checkpoints use."""
+    angles_BxTxF = positions_BxT[..., None].astype(jnp.float32) * jnp.asarray(inv_freq)
+    angles_BxTx1xDh = jnp.concatenate([angles_BxTxF, angles_BxTxF], axis=-1)[:, :, None, :]
+    cos, sin = jnp.cos(angles_BxTx1xDh), jnp.sin(angles_BxTx1xDh)
+    x = x_BxTxNxDh.astype(jnp.float32)
+    x1, x2 = jnp.split(x, 2, axis=-1)
+    rotated = jnp.concatenate([-x2, x1], axis=-1)
+    return (x * cos + rotated * sin).astype(x_BxTxNxDh.dtype)
+
+
+def rms_norm(x: jax.Array, scale: jax.Array, eps: float) -> jax.Array:
+    """RMSNorm computed in float32, returned in the input's dtype."""
+    x32 = x.astype(jnp.float32)
+    normed = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + eps)
+    return (normed * scale.astype(jnp.float32)).astype(x.dtype)
+
+
+def positions_from_mask(valid_BxT: jax.Array) -> jax.Array:
+    """Per-row positions for left-padded batches: 0 at each row's first real token."""
+    return jnp.maximum(jnp.cumsum(valid_BxT.astype(jnp.int32), axis=-1) - 1, 0)
+
+
+def init_cache(config: ModelConfig, batch: int, max_len: int, dtype: Any = jnp.float32) -> Cache:
+    """An empty static-size KV cache: slots are filled left to right from `index`."""
+    shape = (config.n_layers, batch, max_len, config.n_kv_heads, config.head_dim)
+    return {
+        "k": jnp.zeros(shape, dtype),
+        "v": jnp.zeros(shape, dtype),
+        "valid": jnp.zeros((batch, max_len), bool),
+        "index": jnp.zeros((), jnp.int32),
+    }
+
+
+def _attention(
+    q_BxTxHxDh: jax.Array,
+    k_BxSxKxDh: jax.Array,
+    v_BxSxKxDh: jax.Array,
+    mask_BxTxS: jax.Array,
+    scale: float,
+) -> jax.Array:
+    B, T, H, Dh = q_BxTxHxDh.shape
+    K = k_BxSxKxDh.shape[2]
+    q_BxTxKxGxDh = q_BxTxHxDh.reshape(B, T, K, H // K, Dh)
+    scores_BxKxGxTxS = jnp.einsum(
+        "btkgd,bskd->bkgts", q_BxTxKxGxDh, k_BxSxKxDh, preferred_element_type=jnp.float32
+    )
+    scores_BxKxGxTxS = jnp.where(mask_BxTxS[:, None, None], scores_BxKxGxTxS * scale, _MASK_VALUE)
+    probs_BxKxGxTxS = jax.nn.softmax(scores_BxKxGxTxS, axis=-1).astype(v_BxSxKxDh.dtype)
+    out_BxTxKxGxDh = jnp.einsum("bkgts,bskd->btkgd", probs_BxKxGxTxS, v_BxSxKxDh)
+    return out_BxTxKxGxDh.reshape(B, T, H, Dh)
+
+
+def _layer(
+    x_BxTxD: jax.Array,
+    p: Params,
+    is_sliding: jax.Array,
+    positions_BxT: jax.Array,
+    key_valid_BxS: jax.Array,
+    query_slots_T: jax.Array,
+    cache_kv: tuple[jax.Array, jax.Array] | None,
+    cache_index: jax.Array,
+    config: ModelConfig,
+) -> tuple[jax.Array, tuple[jax.Array, jax.Array] | None]:
+    """One pre-norm block; writes this layer's new keys/values into its cache slice."""
+    c = config
+    h = rms_norm(x_BxTxD, p["attn_norm"], c.norm_eps)
+    q = jnp.einsum("btd,dhk->bthk", h, p["q"])
+    k = jnp.einsum("btd,dhk->bthk", h, p["k"])
+    v = jnp.einsum("btd,dhk->bthk", h, p["v"])
+    if c.qkv_bias:
+        q, k, v = q + p["q_bias"], k + p["k_bias"], v + p["v_bias"]
+    if c.qk_norm:
+        q, k = rms_norm(q, p["q_norm"], c.norm_eps), rms_norm(k, p["k_norm"], c.norm_eps)
+    global_freq = rope_inv_freq(c.rope, c.head_dim)
+    local_freq = rope_inv_freq(c.local_rope, c.head_dim) if c.local_rope else global_freq
+    inv_freq = jnp.where(is_sliding, local_freq, global_freq)
+    q, k = _rotate(q, positions_BxT, inv_freq), _rotate(k, positions_BxT, inv_freq)
+
+    if cache_kv is None:
+        keys, values = k, v
+    else:
+        keys = jax.lax.dynamic_update_slice_in_dim(
+            cache_kv[0], k.astype(cache_kv[0].dtype), cache_index, 1
+        )
+        values = jax.lax.dynamic_update_slice_in_dim(
+            cache_kv[1], v.astype(cache_kv[1].dtype), cache_index, 1
+        )
+    key_slots_S = jnp.arange(keys.shape[1])
+    distance_TxS = query_slots_T[:, None] - key_slots_S[None, :]
+    window = c.sliding_window or keys.shape[1]
+    in_window_TxS = jnp.where(is_sliding, distance_TxS < window, True)
+    mask_BxTxS = (distance_TxS >= 0)[None] & in_window_TxS[None] & key_valid_BxS[:, None, :]
+
+    scale = (c.query_pre_attn_scalar or c.head_dim) ** -0.5
+    attn = _attention(q, keys.astype(q.dtype), values.astype(q.dtype), mask_BxTxS, scale)
+    attn_out = jnp.einsum("bthk,hkd->btd", attn, p["o"])
+    if c.post_norms:
+        attn_out = rms_norm(attn_out, p["post_attn_norm"], c.norm_eps)
+    x_BxTxD = x_BxTxD + attn_out
+
+    h = rms_norm(x_BxTxD, p["mlp_norm"], c.norm_eps)
+    gated = _ACTIVATIONS[c.activation](jnp.einsum("btd,df->btf", h, p["gate"]))
+    mlp_out = jnp.einsum("btf,fd->btd", gated * jnp.einsum("btd,df->btf", h, p["up"]), p["down"])
+    if c.post_norms:
+        mlp_out = rms_norm(mlp_out, p["post_mlp_norm"], c.norm_eps)
+    new_kv = None if cache_kv is None else (keys, values)
+    return x_BxTxD + mlp_out, new_kv
+
+
+def hidden_states(
+    params: Params,
+    tokens_BxT: jax.Array,
+    config: ModelConfig,
+    *,
+    valid_BxT: jax.Array | None = None,
+    positions_BxT: jax.Array | None = None,
+    cache: Cache | None = None,
+    remat: bool = False,
+) -> tuple[jax.Array, Cache | None]:
+    """Final-normed hidden states; with a cache, the T tokens go into slots [index, index+T).
+
+    Without a cache this is a plain causal forward over the T tokens. With one, it is a
+    prefill (T = prompt length, index 0) or a decode step (T = 1): rows share the slot
+    index, and left padding is carried by `valid`, so rows of different lengths batch.
+    """
+    B, T = tokens_BxT.shape
+    if valid_BxT is None:
+        valid_BxT = jnp.ones((B, T), bool)
+    if positions_BxT is None:
+        positions_BxT = positions_from_mask(valid_BxT)
+    dtype = params["embed"].dtype
+    x = params["embed"][tokens_BxT]
+    if config.embed_scale:
+        x = x * jnp.asarray(math.sqrt(config.d_model), dtype)
+
+    if cache is None:
+        index = jnp.zeros((), jnp.int32)
+        key_valid_BxS = valid_BxT
+        layer_caches = None
+    else:
+        index = cache["index"]
+        key_valid_BxS = jax.lax.dynamic_update_slice_in_dim(cache["valid"], valid_BxT, index, 1)
+        layer_caches = (cache["k"], cache["v"])
+    query_slots_T = index + jnp.arange(T)
+    is_sliding_L = jnp.asarray(config.is_sliding)
+
+    def body(x, layer_inputs):
+        p, sliding, kv = layer_inputs
+        return _layer(x, p, sliding, positions_BxT, key_valid_BxS, query_slots_T, kv, index, config)
+
+    if remat:
+        body = jax.checkpoint(body)
+    x, new_kv = jax.lax.scan(body, x.astype(dtype), (params["layers"], is_sliding_L, layer_caches))
+    x = rms_norm(x, params["final_norm"], config.norm_eps)
+    if cache is None:
+        return x, None
+    new_cache = {"k": new_kv[0], "v": new_kv[1], "valid": key_valid_BxS, "index": index + T}
+    return x, new_cache
+
+
+def lm_head(params: Params, config: ModelConfig) -> jax.Array:
+    """The [D, V] output projection (the transposed embedding when tied)."""
+    return params["embed"].T if config.tie_embeddings else params["lm_head"]
+
+
+def logits_from_hidden(params: Params, hidden_BxTxD: jax.Array, config: ModelConfig) -> jax.Array:
+    """Float32 logits, so losses never see rounded log-probabilities."""
+    return jnp.einsum(
+        "btd,dv->btv", hidden_BxTxD, lm_head(params, config), preferred_element_type=jnp.float32
+    )
+
+
+def forward(
+    params: Params,
+    tokens_BxT: jax.Array,
+    config: ModelConfig,
+    **kwargs: Any,
+) -> tuple[jax.Array, Cache | None]:
+    """Logits [B, T, V] (float32) and the updated cache; see `hidden_states` for kwargs."""
+    hidden_BxTxD, cache = hidden_states(params, tokens_BxT, config, **kwargs)
+    return logits_from_hidden(params, hidden_BxTxD, config), cache
