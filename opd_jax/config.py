@@ -14,6 +14,8 @@ from collections.abc import Sequence
 
 import gin
 
+from opd_jax import sharding
+
 
 class ConfigError(ValueError):
     """A gin file or binding that cannot be applied; the message names it."""
@@ -31,6 +33,16 @@ def flag_parser(description: str) -> argparse.ArgumentParser:
         help="gin binding such as 'distill.lmbda=1.0' (repeatable, applied after the files)",
     )
     parser.add_argument("--workdir", default=None, help="where checkpoints and logs go")
+    multihost = parser.add_argument_group("multi-host (jax.distributed)")
+    multihost.add_argument("--coordinator_address", default=None, help="host:port of process 0")
+    multihost.add_argument("--num_processes", type=int, default=None)
+    multihost.add_argument("--process_id", type=int, default=None)
+    multihost.add_argument(
+        "--distributed",
+        action="store_true",
+        help="auto-detect the cluster (TPU pod slice, SLURM) and join it",
+    )
+    multihost.add_argument("--distributed_timeout_s", type=int, default=300)
     return parser
 
 
@@ -55,11 +67,21 @@ def apply_gin(gin_files: Sequence[str], gin_params: Sequence[str]) -> None:
 
 
 def parse(description: str, argv: Sequence[str] | None = None) -> argparse.Namespace:
-    """Parses the shared flags and applies gin; a bad binding exits with one line."""
+    """Parses the shared flags, applies gin and joins a multi-host run if asked to.
+
+    A bad binding or an unreachable coordinator exits with one line.
+    """
     args = flag_parser(description).parse_args(argv)
     try:
         apply_gin(args.gin_file, args.gin_param)
-    except ConfigError as err:
+        sharding.initialize_distributed(
+            args.coordinator_address,
+            args.num_processes,
+            args.process_id,
+            auto_detect=args.distributed,
+            timeout_s=args.distributed_timeout_s,
+        )
+    except (ConfigError, sharding.DistributedInitError) as err:
         sys.exit(f"error: {err}")
     return args
 

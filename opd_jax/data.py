@@ -1,0 +1,287 @@
+"""Data for distillation: loading TFDS splits by name, prompt templates, fixed-shape batches.
+
+Everything is read through TFDS `as_data_source` over array_record files, the random-access
+path that needs no TensorFlow. Our own builders (`opd_jax.datasets`) are built from local
+files on first use; any other TFDS dataset (xsum, cnn_dailymail, ...) must already be
+prepared in `data_dir` in a random-access format: `tfds build --file_format=array_record`,
+or `tfds convert_format --out_file_format=array_record` for a tfrecord build.
+"""
+
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import itertools
+import os
+import pathlib
+from collections.abc import Iterator, Mapping, Sequence
+from typing import Any, Protocol
+
+import numpy as np
+import tensorflow_datasets as tfds
+from google.protobuf import json_format
+
+from opd_jax import datasets
+
+# ----------------------------------------------------------------------------- loading
+
+# Default (input_key, target_key) for our builders; other datasets name theirs.
+DEFAULT_KEYS = {"aclsum": ("document", "summary"), "gsm_symbolic": ("question", "solution")}
+
+
+class MissingDatasetError(FileNotFoundError):
+    """The dataset is not prepared in data_dir (this module never downloads)."""
+
+
+class CorruptDatasetError(RuntimeError):
+    """The dataset's metadata says it is prepared but a data file is missing or unreadable."""
+
+
+def _base_name(name: str) -> str:
+    return name.split("/")[0].split(":")[0]
+
+
+def load_builder(name: str, data_dir: str | os.PathLike | None = None) -> Any:
+    """A prepared TFDS builder. Our builders are built from local files on first use; any
+    other dataset must already be prepared in data_dir."""
+    data_dir = pathlib.Path(data_dir or datasets.default_data_dir())
+    try:
+        builder = tfds.builder(name, data_dir=str(data_dir))
+    except tfds.core.registered.DatasetNotFoundError as e:
+        raise MissingDatasetError(f"dataset {name!r} is not prepared in {data_dir}") from e
+    except json_format.Error as e:
+        raise CorruptDatasetError(f"dataset {name!r} in {data_dir} has bad metadata: {e}") from e
+    if not builder.is_prepared():
+        if _base_name(name) not in DEFAULT_KEYS:
+            raise MissingDatasetError(f"dataset {name!r} is not prepared in {data_dir}")
+        config = tfds.download.DownloadConfig(try_download_gcs=False)
+        builder.download_and_prepare(download_config=config)
+    return builder
+
+
+def _to_python(value: Any) -> Any:
+    """TFDS hands back bytes and numpy scalars; templates and scorers want str and int."""
+    if isinstance(value, bytes):
+        return value.decode("utf-8")
+    if isinstance(value, np.ndarray):
+        return [_to_python(v) for v in value]
+    if isinstance(value, np.generic):
+        return value.item()
+    if isinstance(value, Mapping):
+        return {k: _to_python(v) for k, v in value.items()}
+    return value
+
+
+@dataclasses.dataclass(frozen=True)
+class Split:
+    """Random access to one split; each example is a dict of its decoded features plus
+    `input` and `target`, the fields that prompts and references are built from."""
+
+    name: str
+    split: str
+    files: tuple[str, ...]
+    source: Sequence[Any]
+    input_key: str
+    target_key: str
+
+    def __len__(self) -> int:
+        return len(self.source)
+
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        where = f"dataset {self.name!r} split {self.split!r} (files {', '.join(self.files)})"
+        try:
+            example = _to_python(self.source[index])
+        except RuntimeError as e:  # array_record reports unreadable files this way
+            raise CorruptDatasetError(f"cannot read record {index} of {where}: {e}") from e
+        if any(v is None for v in example.values()):  # what a truncated file decodes to
+            raise CorruptDatasetError(f"record {index} of {where} is empty: corrupt data file")
+        return {**example, "input": example[self.input_key], "target": example[self.target_key]}
+
+
+def load_split(
+    name: str,
+    split: str,
+    data_dir: str | os.PathLike | None = None,
+    input_key: str | None = None,
+    target_key: str | None = None,
+) -> Split:
+    """One split of a TFDS dataset by name ("xsum", "gsm_symbolic/chain_sum", ...), with the
+    feature keys that hold the model input and the reference output."""
+    builder = load_builder(name, data_dir)
+    default_input, default_target = DEFAULT_KEYS.get(_base_name(name), (None, None))
+    input_key, target_key = input_key or default_input, target_key or default_target
+    features = list(builder.info.features.keys())
+    for key in (input_key, target_key):
+        if key not in features:
+            raise KeyError(f"dataset {name!r} has no feature {key!r}; features: {features}")
+    files = tuple(str(path) for path in builder.info.splits[split].filepaths)
+    data = Split(name, split, files, builder.as_data_source(split), input_key, target_key)
+    if len(data):
+        data[0]  # a missing or unreadable file fails here rather than mid-training
+    return data
+
+
+# ----------------------------------------------------------------------------- prompts
+
+
+class Tokenizer(Protocol):
+    eos_id: int
+    pad_id: int
+
+    def encode(self, text: str, add_bos: bool = False) -> list[int]: ...
+
+    def apply_chat_template(
+        self, messages: list[dict[str, str]], add_generation_prompt: bool = True
+    ) -> str: ...
+
+
+@dataclasses.dataclass(frozen=True)
+class PromptTemplate:
+    """`instruction` is the user turn, formatted with the example's fields; it must contain
+    `{input}` once. `chat=False` gives a plain BOS-prefixed string for base models."""
+
+    instruction: str
+    system: str | None = None
+    chat: bool = True
+
+
+SUMMARIZE_PAPER = PromptTemplate(
+    "Summarize the following scientific paper in three sentences: the challenge it "
+    "addresses, its approach, and its outcome.\n\n{input}"
+)
+SOLVE_MATH = PromptTemplate(
+    "Solve the following problem step by step. End your response with a final line of the "
+    "form '#### <answer>'.\n\n{input}"
+)
+DEFAULT_TEMPLATES = {"aclsum": SUMMARIZE_PAPER, "gsm_symbolic": SOLVE_MATH}
+
+
+def build_messages(example: Mapping[str, Any], template: PromptTemplate) -> list[dict[str, str]]:
+    """The chat messages of one example's prompt."""
+    system = [{"role": "system", "content": template.system}] if template.system else []
+    return [*system, {"role": "user", "content": template.instruction.format_map(example)}]
+
+
+def render_prompt(
+    example: Mapping[str, Any], template: PromptTemplate, tokenizer: Tokenizer
+) -> str:
+    """The prompt text, chat markup included, ending where the model's answer starts."""
+    messages = build_messages(example, template)
+    if template.chat:
+        return tokenizer.apply_chat_template(messages, add_generation_prompt=True)
+    return "\n\n".join(m["content"] for m in messages) + "\n\n"
+
+
+_INPUT_MARK = "\ue000"  # a private-use character that no template or dataset contains
+
+
+def encode_prompt(
+    example: Mapping[str, Any], template: PromptTemplate, tokenizer: Tokenizer, max_len: int
+) -> list[int]:
+    """Prompt token ids, at most max_len. A prompt that does not fit loses the end of its
+    `input` (the document), never the instruction or the chat markup around it."""
+    add_bos = not template.chat  # a chat template writes its own start-of-text markup
+    ids = tokenizer.encode(render_prompt(example, template, tokenizer), add_bos=add_bos)
+    if len(ids) <= max_len:
+        return ids
+    head, *tail = render_prompt({**example, "input": _INPUT_MARK}, template, tokenizer).split(
+        _INPUT_MARK
+    )
+    if len(tail) != 1:
+        raise ValueError(f"template must contain {{input}} exactly once: {template}")
+    head_ids = tokenizer.encode(head, add_bos=add_bos)
+    tail_ids = tokenizer.encode(tail[0], add_bos=False)
+    budget = max_len - len(head_ids) - len(tail_ids)
+    if budget < 0:
+        raise ValueError(f"the template alone is {max_len - budget} tokens > {max_len}")
+    return head_ids + tokenizer.encode(example["input"], add_bos=False)[:budget] + tail_ids
+
+
+def encode_target(text: str, tokenizer: Tokenizer, max_len: int) -> list[int]:
+    """Target ids cut to max_len; EOS is appended only when it fits, so a missing EOS marks
+    a truncated target."""
+    ids = tokenizer.encode(text, add_bos=False)[:max_len]
+    return ids + [tokenizer.eos_id] if len(ids) < max_len else ids
+
+
+# ----------------------------------------------------------------------------- batches
+
+
+@dataclasses.dataclass(frozen=True)
+class BatchSpec:
+    batch_size: int
+    prompt_len: int
+    target_len: int
+    template: PromptTemplate
+    shuffle: bool = True
+
+
+@dataclasses.dataclass(frozen=True)
+class Batch:
+    """Left-padded prompts, right-padded targets, and the host-side examples for scoring."""
+
+    step: int
+    epoch: int  # of the batch's first example; a batch may run into the next epoch
+    indices_B: np.ndarray
+    prompt_BxP: np.ndarray
+    prompt_valid_BxP: np.ndarray
+    target_BxN: np.ndarray
+    target_valid_BxN: np.ndarray
+    references: tuple[str, ...]
+    examples: tuple[dict[str, Any], ...]
+
+
+@functools.lru_cache(maxsize=4)
+def _permutation(seed: int, epoch: int, num_examples: int) -> np.ndarray:
+    return np.random.default_rng([seed, epoch]).permutation(num_examples)
+
+
+def example_indices(
+    step: int, batch_size: int, num_examples: int, seed: int, shuffle: bool = True
+) -> np.ndarray:
+    """Source indices of the batch at `step`: the stream is one permutation per epoch,
+    seeded by (seed, epoch), so a resumed run sees exactly the batches it would have."""
+    epochs, offsets = np.divmod(step * batch_size + np.arange(batch_size), num_examples)
+    if not shuffle:
+        return offsets
+    return np.array(
+        [_permutation(seed, int(e), num_examples)[o] for e, o in zip(epochs, offsets, strict=True)]
+    )
+
+
+def make_batch(
+    examples: Sequence[Mapping[str, Any]], tokenizer: Tokenizer, spec: BatchSpec
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """(prompt_BxP, prompt_valid_BxP, target_BxN, target_valid_BxN), int32 and bool."""
+    size, p_len, n_len = len(examples), spec.prompt_len, spec.target_len
+    prompt_BxP = np.full((size, p_len), tokenizer.pad_id, np.int32)
+    prompt_valid_BxP = np.zeros((size, p_len), bool)
+    target_BxN = np.full((size, n_len), tokenizer.pad_id, np.int32)
+    target_valid_BxN = np.zeros((size, n_len), bool)
+    for b, example in enumerate(examples):
+        prompt = encode_prompt(example, spec.template, tokenizer, p_len)
+        target = encode_target(example["target"], tokenizer, n_len)
+        prompt_BxP[b, p_len - len(prompt) :] = prompt
+        prompt_valid_BxP[b, p_len - len(prompt) :] = True
+        target_BxN[b, : len(target)] = target
+        target_valid_BxN[b, : len(target)] = True
+    return prompt_BxP, prompt_valid_BxP, target_BxN, target_valid_BxN
+
+
+def batch_at(split: Split, tokenizer: Tokenizer, spec: BatchSpec, seed: int, step: int) -> Batch:
+    """The batch at `step`, a pure function of (split, spec, seed, step)."""
+    indices_B = example_indices(step, spec.batch_size, len(split), seed, spec.shuffle)
+    examples = tuple(split[int(i)] for i in indices_B)
+    arrays = make_batch(examples, tokenizer, spec)
+    epoch = step * spec.batch_size // len(split)
+    references = tuple(e["target"] for e in examples)
+    return Batch(step, epoch, indices_B, *arrays, references, examples)
+
+
+def iterate_batches(
+    split: Split, tokenizer: Tokenizer, spec: BatchSpec, seed: int, start_step: int = 0
+) -> Iterator[Batch]:
+    """Endless batches from `start_step` on, over as many epochs as the caller takes."""
+    for step in itertools.count(start_step):
+        yield batch_at(split, tokenizer, spec, seed, step)
