@@ -7,7 +7,6 @@ prepared in `data_dir` in a random-access format: `tfds build --file_format=arra
 or `tfds convert_format --out_file_format=array_record` for a tfrecord build.
 """
 
-
 from __future__ import annotations
 
 import dataclasses
