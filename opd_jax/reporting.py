@@ -1,0 +1,230 @@
+"""What a researcher looks at: TensorBoard scalars, an append-only metrics.jsonl that plots
+and tables can be rebuilt from, a markdown results table, curve plots, a progress bar.
+
+In multi-host runs only process 0 writes; the others get disabled writers and bars.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import pathlib
+from collections.abc import Iterable, Mapping, Sequence
+from typing import Any
+
+import jax
+import numpy as np
+import tensorboardX
+import tqdm
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.figure import Figure
+
+METRICS_FILE = "metrics.jsonl"
+SAMPLE_INPUT_CHARS = 1500  # documents run to thousands of words; the report shows their start
+
+
+def is_main_process() -> bool:
+    return jax.process_index() == 0
+
+
+def to_float(key: str, value: Any) -> float:
+    """A Python float from a float, numpy or jax scalar; arrays are refused by name."""
+    array = np.asarray(value)
+    if array.shape != ():
+        raise TypeError(f"metric {key!r} is not a scalar: shape {array.shape}")
+    return float(array)
+
+
+# ----------------------------------------------------------------------------- metrics
+
+
+def _drop_partial_line(path: pathlib.Path) -> None:
+    """Cuts a line left unfinished by an interrupted run, so appending starts a fresh line."""
+    if not path.exists():
+        return
+    with path.open("rb+") as f:
+        content = f.read()
+        if content and not content.endswith(b"\n"):
+            f.truncate(content.rfind(b"\n") + 1)
+
+
+class MetricsWriter:
+    """TensorBoard scalars plus `metrics.jsonl` in `logdir`, one JSON object per write.
+
+    The jsonl is appended to, so a resumed run continues the same file; each line is flushed
+    as written, so an interrupted run loses at most the line being written. `enabled`
+    defaults to process 0 only; a disabled writer creates and writes nothing."""
+
+    def __init__(self, logdir: str | os.PathLike, enabled: bool | None = None) -> None:
+        self.logdir = pathlib.Path(logdir)
+        self.enabled = is_main_process() if enabled is None else enabled
+        if not self.enabled:
+            return
+        self.logdir.mkdir(parents=True, exist_ok=True)
+        _drop_partial_line(self.logdir / METRICS_FILE)
+        self._jsonl = (self.logdir / METRICS_FILE).open("a", encoding="utf-8")
+        self._tensorboard = tensorboardX.SummaryWriter(str(self.logdir))
+
+    def write(self, step: int, scalars: Mapping[str, Any]) -> None:
+        if not self.enabled:
+            return
+        if "step" in scalars:
+            raise ValueError("'step' is the record's own key, not a metric name")
+        values = {key: to_float(key, value) for key, value in scalars.items()}
+        self._jsonl.write(json.dumps({"step": int(step), **values}) + "\n")
+        self._jsonl.flush()
+        for key, value in values.items():
+            self._tensorboard.add_scalar(key, value, int(step))
+
+    def flush(self) -> None:
+        if self.enabled:
+            self._jsonl.flush()
+            self._tensorboard.flush()
+
+    def close(self) -> None:
+        if self.enabled:
+            self._jsonl.close()
+            self._tensorboard.close()
+            self.enabled = False
+
+    def __enter__(self) -> MetricsWriter:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
+
+
+def read_metrics(path: str | os.PathLike) -> list[dict[str, Any]]:
+    """One record per step, sorted by step, with the last value logged for each key: a
+    resumed run that re-logs a step overrides what the interrupted run wrote. An unfinished
+    final line (a run killed mid-write) is skipped; a bad line elsewhere is an error."""
+    lines = pathlib.Path(path).read_text(encoding="utf-8").split("\n")
+    by_step: dict[int, dict[str, Any]] = {}
+    for number, line in enumerate(lines, start=1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as e:
+            if number == len(lines):  # no newline after it: the write never finished
+                continue
+            raise ValueError(f"{path}:{number}: not a JSON record: {line[:80]!r}") from e
+        by_step.setdefault(record["step"], {}).update(record)
+    return [by_step[step] for step in sorted(by_step)]
+
+
+# ----------------------------------------------------------------------------- results
+
+
+def _cell(value: Any) -> str:
+    if value is None:
+        return ""
+    if isinstance(value, str):
+        return value.replace("|", "\\|")
+    if isinstance(value, (bool, int, np.integer)):
+        return str(value)
+    return f"{to_float('cell', value):.2f}"
+
+
+def results_table(rows: Sequence[Mapping[str, Any]], columns: Sequence[str] | None = None) -> str:
+    """A markdown table, one row per dict; columns default to every key in first-seen order,
+    numbers to two decimals, missing cells left empty."""
+    columns = list(columns or dict.fromkeys(key for row in rows for key in row))
+    lines = [
+        "| " + " | ".join(columns) + " |",
+        "|" + "|".join("---" for _ in columns) + "|",
+        *("| " + " | ".join(_cell(row.get(c)) for c in columns) + " |" for row in rows),
+    ]
+    return "\n".join(lines)
+
+
+def _fenced(text: str) -> str:
+    """A code block whose fence no run of backticks in `text` can close early."""
+    fence = "```"
+    while fence in text:
+        fence += "`"
+    return f"{fence}text\n{text}\n{fence}"
+
+
+def samples_markdown(name: str, samples: Iterable[Sequence[str]]) -> str:
+    """(input, prediction, reference) triples under a heading; long inputs are cut."""
+    parts = [f"## Samples: {name}"]
+    for number, (text, prediction, reference) in enumerate(samples, start=1):
+        if len(text) > SAMPLE_INPUT_CHARS:
+            text = f"{text[:SAMPLE_INPUT_CHARS]} [... {len(text) - SAMPLE_INPUT_CHARS} chars]"
+        parts += [f"### Example {number}"]
+        for label, body in (("Input", text), ("Prediction", prediction), ("Reference", reference)):
+            parts += [f"**{label}**", _fenced(body)]
+    return "\n\n".join(parts)
+
+
+def write_results(
+    workdir: str | os.PathLike,
+    rows: Sequence[Mapping[str, Any]],
+    samples: Mapping[str, Iterable[Sequence[str]]] | None = None,
+    columns: Sequence[str] | None = None,
+) -> pathlib.Path:
+    """Writes `results.md` (the table, then samples per model) and `results.json` (the rows);
+    returns the markdown path."""
+    workdir = pathlib.Path(workdir)
+    workdir.mkdir(parents=True, exist_ok=True)
+    sections = ["# Results", results_table(rows, columns)]
+    sections += [samples_markdown(name, triples) for name, triples in (samples or {}).items()]
+    markdown = workdir / "results.md"
+    markdown.write_text("\n\n".join(sections) + "\n", encoding="utf-8")
+    as_json = json.dumps(list(rows), indent=2, default=lambda value: np.asarray(value).item())
+    (workdir / "results.json").write_text(as_json + "\n", encoding="utf-8")
+    return markdown
+
+
+# ----------------------------------------------------------------------------- plots
+
+
+def plot_curves(
+    records: Sequence[Mapping[str, Any]],
+    metric_keys: Sequence[str],
+    out_png: str | os.PathLike,
+    title: str = "Training curves",
+) -> pathlib.Path:
+    """One subplot per key against step, stacked with a shared step axis, saved as PNG.
+    Drawn on an Agg canvas of its own, so the process's pyplot backend is left alone."""
+    missing = [key for key in metric_keys if not any(key in r for r in records)]
+    if missing or not metric_keys:
+        available = sorted({key for r in records for key in r} - {"step"})
+        raise ValueError(f"no values for {missing or 'any key'}; logged keys: {available}")
+    fig = Figure(figsize=(7, 1 + 2.4 * len(metric_keys)), layout="constrained")
+    FigureCanvasAgg(fig)
+    axes = fig.subplots(len(metric_keys), 1, sharex=True, squeeze=False)[:, 0]
+    for ax, key in zip(axes, metric_keys, strict=True):
+        points = sorted(((r["step"], r[key]) for r in records if key in r), key=lambda p: p[0])
+        steps, values = zip(*points, strict=True)
+        ax.plot(steps, values, marker="." if len(steps) <= 50 else None)
+        ax.set_title(key)
+        ax.set_ylabel(key)
+        ax.grid(alpha=0.3)
+    axes[-1].set_xlabel("step")
+    fig.suptitle(title)
+    out_png = pathlib.Path(out_png)
+    out_png.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out_png, dpi=120)
+    return out_png
+
+
+# ----------------------------------------------------------------------------- progress
+
+
+def progress(
+    total: int, initial: int = 0, enabled: bool | None = None, desc: str = "train"
+) -> tqdm.tqdm:
+    """A step progress bar that a resumed run starts at `initial`. Show live numbers with
+    `bar.set_postfix(loss=f"{loss:.4f}", step_s=f"{seconds:.2f}", refresh=False)` and then
+    `bar.update()` each step. Disabled (prints nothing) off process 0 by default."""
+    enabled = is_main_process() if enabled is None else enabled
+    return tqdm.tqdm(
+        total=total,
+        initial=initial,
+        desc=desc,
+        unit="step",
+        dynamic_ncols=True,
+        disable=not enabled,
+    )
