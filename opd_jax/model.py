@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+from collections.abc import Sequence
 from typing import Any
 
 import jax
@@ -358,3 +359,29 @@ def forward(
     """Logits [B, T, V] (float32) and the updated cache; see `hidden_states` for kwargs."""
     hidden_BxTxD, cache = hidden_states(params, tokens_BxT, config, **kwargs)
     return logits_from_hidden(params, hidden_BxTxD, config), cache
+
+
+def select_layers(
+    params: Params, config: ModelConfig, layers: Sequence[int]
+) -> tuple[ModelConfig, Params]:
+    """A shallower model made of the given layers (in order) of a deeper one.
+
+    The usual way to build a distillation student that starts close to its teacher: the
+    embeddings, final norm and head are shared, and each kept layer keeps its weights
+    (and, for Gemma 3, whether it is a sliding-window layer).
+    """
+    layers = tuple(layers)
+    if not layers or any(not 0 <= i < config.n_layers for i in layers):
+        raise ValueError(f"layers {layers} must be a non-empty subset of 0..{config.n_layers - 1}")
+    index = np.asarray(layers)
+    sliding = tuple(config.is_sliding[i] for i in layers) if config.sliding_layers else ()
+    new_config = dataclasses.replace(config, n_layers=len(layers), sliding_layers=sliding)
+    new_params = {**params, "layers": jax.tree.map(lambda w: w[index], params["layers"])}
+    return new_config, new_params
+
+
+def evenly_spaced_layers(n_layers: int, keep: int) -> tuple[int, ...]:
+    """`keep` layer indices spread over 0..n_layers-1, always keeping the first and last."""
+    if not 1 <= keep <= n_layers:
+        raise ValueError(f"cannot keep {keep} of {n_layers} layers")
+    return tuple(sorted({round(i) for i in np.linspace(0, n_layers - 1, keep)}))

@@ -1,0 +1,125 @@
+"""Where each update's completions come from: the GKD data mixture, and RL advantages.
+
+GKD (Agarwal et al., 2024) trains on a mixture: with probability lambda
+(`on_policy_fraction`) a completion is sampled from the current student (on-policy),
+otherwise it is a fixed sequence, either the dataset's target (supervised KD) or one
+sampled from the teacher (sequence-level KD). lambda is drawn per step by default, as in
+the paper's Algorithm 1 (one coin per batch, so a step is wholly on- or off-policy);
+`per_example=True` draws one coin per row instead, which costs a rollout of both kinds
+every step. The coin comes from the train state's step key, so a resumed run makes the
+same draws.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import gin
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from opd_jax import sampling
+from opd_jax.distill import DistillBatch, TrainState, step_key
+from opd_jax.model import ModelConfig, Params
+
+FIXED_SOURCES = ("dataset", "teacher")
+
+
+@gin.configurable
+@dataclasses.dataclass(frozen=True)
+class MixtureConfig:
+    """on_policy_fraction: GKD's lambda, the probability a completion is the student's own.
+    per_example: draw lambda's coin per row rather than once per step.
+    fixed_source: "dataset" (supervised KD on targets) or "teacher" (sequence-level KD).
+    """
+
+    on_policy_fraction: float = 0.5
+    per_example: bool = False
+    fixed_source: str = "dataset"
+
+    def __post_init__(self):
+        if not 0.0 <= self.on_policy_fraction <= 1.0:
+            raise ValueError(f"on_policy_fraction must be in [0, 1], got {self.on_policy_fraction}")
+        if self.fixed_source not in FIXED_SOURCES:
+            raise ValueError(
+                f"fixed_source must be one of {FIXED_SOURCES}, got {self.fixed_source!r}"
+            )
+
+
+def _sampled(params, config, prompt_BxP, prompt_valid_BxP, key, sampling_cfg):
+    samples = sampling.sample(params, prompt_BxP, prompt_valid_BxP, key, config, sampling_cfg)
+    return samples.tokens_BxN, samples.mask_BxN
+
+
+def make_rollout(
+    student_config: ModelConfig,
+    teacher_config: ModelConfig,
+    mixture: MixtureConfig,
+    sampling_cfg: sampling.SamplingConfig,
+):
+    """rollout(state, teacher_params, prompt, prompt_valid, target, target_valid) ->
+    (DistillBatch, on_policy_B), jitted.
+
+    Completions have the target width N, which must equal sampling_cfg.max_new_tokens.
+    """
+    lam = mixture.on_policy_fraction
+
+    def rollout(
+        state: TrainState,
+        teacher_params: Params,
+        prompt_BxP: jax.Array,
+        prompt_valid_BxP: jax.Array,
+        target_BxN: jax.Array,
+        target_valid_BxN: jax.Array,
+    ) -> tuple[DistillBatch, jax.Array]:
+        B, N = target_BxN.shape
+        if sampling_cfg.max_new_tokens != N:
+            raise ValueError(
+                f"target width {N} != max_new_tokens {sampling_cfg.max_new_tokens}: on- and "
+                "off-policy completions must have one shape"
+            )
+        choice_key, student_key, teacher_key = jax.random.split(step_key(state), 3)
+        prompts = (prompt_BxP, prompt_valid_BxP)
+
+        def on_policy():
+            return _sampled(state.params, student_config, *prompts, student_key, sampling_cfg)
+
+        def fixed():
+            if mixture.fixed_source == "teacher":
+                return _sampled(teacher_params, teacher_config, *prompts, teacher_key, sampling_cfg)
+            return target_BxN, target_valid_BxN.astype(jnp.float32)
+
+        if lam in (0.0, 1.0):  # static: compile only the branch that can run
+            on_B = jnp.full((B,), lam == 1.0)
+            tokens_BxN, mask_BxN = on_policy() if lam == 1.0 else fixed()
+        elif mixture.per_example:
+            on_B = jax.random.uniform(choice_key, (B,)) < lam
+            (s_tokens, s_mask), (f_tokens, f_mask) = on_policy(), fixed()
+            tokens_BxN = jnp.where(on_B[:, None], s_tokens, f_tokens)
+            mask_BxN = jnp.where(on_B[:, None], s_mask, f_mask)
+        else:
+            on = jax.random.uniform(choice_key) < lam
+            on_B = jnp.full((B,), on)
+            tokens_BxN, mask_BxN = jax.lax.cond(on, on_policy, fixed)
+        batch = DistillBatch(
+            prompt_BxP=prompt_BxP,
+            prompt_valid_BxP=prompt_valid_BxP,
+            completion_BxN=tokens_BxN,
+            completion_mask_BxN=mask_BxN,
+        )
+        return batch, on_B
+
+    return jax.jit(rollout)
+
+
+def group_advantages(rewards_B: np.ndarray, group_size: int, eps: float = 1e-6) -> np.ndarray:
+    """(r - mean of its group) / (std of its group + eps), groups being consecutive rows
+    that share a prompt. A group whose rewards are all equal gets zero advantage: it
+    carries no signal about which completion was better."""
+    rewards_B = np.asarray(rewards_B, np.float32)
+    if group_size < 1 or rewards_B.shape[0] % group_size:
+        raise ValueError(f"{rewards_B.shape[0]} rewards do not split into groups of {group_size}")
+    groups_GxS = rewards_B.reshape(-1, group_size)
+    centered = groups_GxS - groups_GxS.mean(axis=1, keepdims=True)
+    return (centered / (groups_GxS.std(axis=1, keepdims=True) + eps)).reshape(-1)
