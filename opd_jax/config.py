@@ -66,14 +66,19 @@ def apply_gin(gin_files: Sequence[str], gin_params: Sequence[str]) -> None:
             raise ConfigError(f"--gin_param '{binding}': {_one_line(err)}") from None
 
 
-def parse(description: str, argv: Sequence[str] | None = None) -> argparse.Namespace:
-    """Parses the shared flags, applies gin and joins a multi-host run if asked to.
+def parse(
+    description: str,
+    argv: Sequence[str] | None = None,
+    default_gin_files: Sequence[str] = (),
+) -> argparse.Namespace:
+    """Parses the shared flags, applies gin (an entry point's own defaults first, then the
+    user's files and bindings) and joins a multi-host run if asked to.
 
     A bad binding or an unreachable coordinator exits with one line.
     """
     args = flag_parser(description).parse_args(argv)
     try:
-        apply_gin(args.gin_file, args.gin_param)
+        apply_gin([*default_gin_files, *args.gin_file], args.gin_param)
         sharding.initialize_distributed(
             args.coordinator_address,
             args.num_processes,

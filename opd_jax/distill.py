@@ -48,7 +48,6 @@ class DistillConfig:
     grad_accum: int = 1
     learning_rate: float = 1e-5
     warmup_steps: int = 10
-    total_steps: int = 1000
     weight_decay: float = 0.0
     max_grad_norm: float = 1.0
 
@@ -102,13 +101,14 @@ def check_vocab(teacher: ModelConfig, student: ModelConfig) -> None:
         )
 
 
-def make_optimizer(cfg: DistillConfig) -> optax.GradientTransformation:
-    """AdamW with linear warmup then cosine decay, after global-norm clipping."""
+def make_optimizer(cfg: DistillConfig, total_steps: int) -> optax.GradientTransformation:
+    """AdamW with linear warmup then cosine decay to 0 at `total_steps` (the run's length,
+    which the experiment's schedule owns), after global-norm clipping."""
     schedule = optax.warmup_cosine_decay_schedule(
         init_value=0.0,
         peak_value=cfg.learning_rate,
         warmup_steps=cfg.warmup_steps,
-        decay_steps=max(cfg.total_steps, cfg.warmup_steps + 1),
+        decay_steps=max(total_steps, cfg.warmup_steps + 1),
     )
     return optax.chain(
         optax.clip_by_global_norm(cfg.max_grad_norm),

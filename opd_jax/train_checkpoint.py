@@ -71,6 +71,15 @@ def _check_fingerprint(mngr: ocp.CheckpointManager, step: int, config: ModelConf
         )
 
 
+def check_directory(directory: str | pathlib.Path, config: ModelConfig) -> None:
+    """Raises CheckpointMismatchError if `directory` holds another model's checkpoints;
+    an experiment calls it for every stage before it writes anything to the workdir."""
+    if pathlib.Path(directory).exists():
+        mngr = manager(directory)
+        for step in mngr.all_steps():
+            _check_fingerprint(mngr, step, config)
+
+
 def restore_latest(mngr: ocp.CheckpointManager, abstract_state: Any, config: ModelConfig) -> Any | None:
     """The newest readable state, or None for a fresh workdir.
 

@@ -35,7 +35,7 @@ def _batch(batch_size: int, seed: int = 0, prompt_len: int = 6, completion_len: 
 
 
 def _setup(cfg: distill.DistillConfig, student=STUDENT, seed=0):
-    optimizer = distill.make_optimizer(cfg)
+    optimizer = distill.make_optimizer(cfg, total_steps=100)
     state = distill.init_train_state(model.init_params(student, jax.random.key(seed)), optimizer, 0)
     teacher = model.init_params(TEACHER, jax.random.key(7))
     teacher = jax.tree.map(lambda x: x * 4.0 if x.ndim >= 2 else x, teacher)  # peaked outputs
@@ -95,7 +95,7 @@ def test_a_real_pruned_student_moves_toward_its_teacher(real_models):
         teacher_params, teacher_config, model.evenly_spaced_layers(teacher_config.n_layers, 4)
     )
     cfg = distill.DistillConfig(divergence="jsd", learning_rate=1e-4, warmup_steps=0)
-    optimizer = distill.make_optimizer(cfg)
+    optimizer = distill.make_optimizer(cfg, total_steps=100)
     state = distill.init_train_state(student_params, optimizer, 0)
     update = distill.make_update_step(student_config, teacher_config, cfg, optimizer)
     batch = dataclasses.replace(_batch(2, prompt_len=8, completion_len=6))
@@ -150,7 +150,7 @@ def test_loss_is_the_mean_over_real_tokens_only():
 
 def test_sft_step_lowers_the_completion_nll():
     cfg = distill.DistillConfig(learning_rate=3e-3, warmup_steps=0)
-    optimizer = distill.make_optimizer(cfg)
+    optimizer = distill.make_optimizer(cfg, total_steps=100)
     state = distill.init_train_state(model.init_params(STUDENT, jax.random.key(0)), optimizer, 0)
     update = distill.make_sft_step(STUDENT, 1, optimizer)
     batch = _batch(4)
@@ -203,7 +203,7 @@ def test_vocabulary_mismatch_fails_with_both_sizes():
             student,
             teacher,
             distill.DistillConfig(),
-            distill.make_optimizer(distill.DistillConfig()),
+            distill.make_optimizer(distill.DistillConfig(), total_steps=100),
         )
 
 
@@ -220,7 +220,7 @@ def test_non_finite_loss_keeps_the_state_and_names_the_step_and_terms():
 
 
 def test_step_key_depends_only_on_seed_and_step():
-    optimizer = distill.make_optimizer(distill.DistillConfig())
+    optimizer = distill.make_optimizer(distill.DistillConfig(), total_steps=100)
     params = model.init_params(STUDENT, jax.random.key(0))
     a = distill.init_train_state(params, optimizer, seed=5)
     b = distill.init_train_state(params, optimizer, seed=5)

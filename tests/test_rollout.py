@@ -31,7 +31,7 @@ def inputs():
 
 
 def _state(step=0, seed=0):
-    optimizer = distill.make_optimizer(distill.DistillConfig())
+    optimizer = distill.make_optimizer(distill.DistillConfig(), total_steps=100)
     state = distill.init_train_state(_params(0), optimizer, seed)
     return state.replace(step=jnp.asarray(step, jnp.int32))
 

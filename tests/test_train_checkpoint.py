@@ -15,7 +15,7 @@ CONFIG = ModelConfig(vocab_size=64, d_model=16, n_layers=2, n_heads=2, n_kv_head
 
 def _state(seed: int) -> distill.TrainState:
     params = model.init_params(CONFIG, jax.random.key(seed))
-    optimizer = distill.make_optimizer(distill.DistillConfig())
+    optimizer = distill.make_optimizer(distill.DistillConfig(), total_steps=100)
     return distill.init_train_state(params, optimizer, seed)
 
 

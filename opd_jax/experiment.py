@@ -1,0 +1,448 @@
+"""A GKD experiment end to end: teacher, student, fine-tuning, distillation, evaluation.
+
+Stages, each resumable from its own checkpoints in the workdir:
+  1. teacher_sft (optional): fine-tune the teacher on the task's targets.
+  2. student_sft: a student cut from the teacher's layers (or loaded) is fine-tuned
+     briefly, since GKD students start from supervised fine-tuning.
+  3. distill: GKD steps (rollout by the lambda mixture, then the update step), with
+     validation every `eval_every` steps.
+Test-set scores of the teacher, the student before distillation and after it go to a
+results table (markdown + JSON) and a plot of the metric and divergence against step.
+Every setting is a gin parameter of `Task`, `Models`, `Schedule`, `RolloutSampling`,
+`DistillConfig` or `MixtureConfig`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import pathlib
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
+
+import gin
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from opd_jax import (
+    checkpoints,
+    config,
+    data,
+    distill,
+    evaluation,
+    model,
+    reporting,
+    rollout,
+    sampling,
+    train_checkpoint,
+    trainer,
+)
+from opd_jax import tokenizer as tokenizer_lib
+from opd_jax.model import ModelConfig, Params
+
+
+@gin.configurable
+@dataclasses.dataclass(frozen=True)
+class Task:
+    """The dataset, its prompt and how outputs are scored.
+
+    dataset: a TFDS name ("aclsum", "gsm_symbolic/chain_sum", or any prepared dataset
+      with `input_key` / `target_key`). metric: "summarization" (ROUGE) or "math" (exact
+      match of the `####` answer); `primary_metric` is the one reported, plotted and, when
+      RL is on, used as the reward (divided by 100).
+    instruction: the user turn, with `{input}` where the example goes; None takes the
+      dataset's default prompt.
+    """
+
+    dataset: str = "aclsum"
+    train_split: str = "train"
+    eval_split: str = "validation"
+    test_split: str = "test"
+    input_key: str | None = None
+    target_key: str | None = None
+    metric: str = "summarization"
+    primary_metric: str = "rougeL"
+    instruction: str | None = None
+    system: str | None = None
+    data_dir: str | None = None
+
+    def template(self) -> data.PromptTemplate:
+        if self.instruction is None:
+            base = self.dataset.split("/")[0]
+            if base not in data.DEFAULT_TEMPLATES:
+                raise config.ConfigError(
+                    f"Task.instruction: dataset {self.dataset!r} has no default prompt; set one "
+                    "with {input} where the example goes"
+                )
+            default = data.DEFAULT_TEMPLATES[base]
+            return dataclasses.replace(default, system=self.system or default.system)
+        return data.PromptTemplate(self.instruction, self.system)
+
+
+@gin.configurable
+@dataclasses.dataclass(frozen=True)
+class Models:
+    """teacher / student: a packaged preset name, an HF directory or a GGUF file. With no
+    student, the student is a layer-pruned teacher: `student_layers` is a count of evenly
+    spaced layers, or the tuple of layer indices to keep."""
+
+    teacher: str = "smollm2-135m-instruct"
+    student: str | None = None
+    student_layers: int | tuple[int, ...] = 8
+    teacher_sft_steps: int = 0
+    student_sft_steps: int = 30
+    sft_learning_rate: float = 1e-4
+
+
+@gin.configurable
+@dataclasses.dataclass(frozen=True)
+class Schedule:
+    """Sizes and cadence. eval_examples: validation examples scored every `eval_every`
+    distillation steps; test_examples: test examples in the final table (None: all).
+    rl_group_size: completions per prompt when RL is on (DistillConfig.rl_alpha < 1)."""
+
+    steps: int = 40
+    batch_size: int = 4
+    prompt_len: int = 128
+    completion_len: int = 64
+    checkpoint_every: int = 10
+    eval_every: int = 20
+    eval_examples: int = 24
+    test_examples: int | None = 50
+    eval_batch_size: int = 8
+    rl_group_size: int = 1
+    seed: int = 0
+
+
+@gin.configurable
+@dataclasses.dataclass(frozen=True)
+class RolloutSampling:
+    """How on-policy (and sequence-KD) completions are sampled; evaluation is greedy."""
+
+    temperature: float = 1.0
+    top_k: int = 0
+    top_p: float = 1.0
+
+
+# ----------------------------------------------------------------------------- models
+
+
+def load_models(models: Models) -> tuple[ModelConfig, Params, ModelConfig, Params]:
+    """(teacher config, teacher params, student config, student params)."""
+    teacher_config, teacher_params = checkpoints.load(models.teacher)
+    if models.student is not None:
+        student_config, student_params = checkpoints.load(models.student)
+    else:
+        keep = models.student_layers
+        if isinstance(keep, int):
+            keep = model.evenly_spaced_layers(teacher_config.n_layers, keep)
+        student_config, student_params = model.select_layers(teacher_params, teacher_config, keep)
+    distill.check_vocab(teacher_config, student_config)
+    return teacher_config, teacher_params, student_config, student_params
+
+
+def decode_completions(
+    tokenizer: tokenizer_lib.Tokenizer, tokens_BxN: np.ndarray, lengths_B: np.ndarray
+) -> list[str]:
+    return [
+        tokenizer.decode(row[:length].tolist()).strip()
+        for row, length in zip(tokens_BxN, lengths_B, strict=True)
+    ]
+
+
+def greedy_generate_fn(
+    params: Params,
+    model_config: ModelConfig,
+    tokenizer: tokenizer_lib.Tokenizer,
+    max_new_tokens: int,
+) -> evaluation.GenerateFn:
+    """Evaluation's generate_fn: greedy completions through the jitted sampler."""
+    settings = sampling.SamplingConfig(
+        max_new_tokens=max_new_tokens,
+        temperature=0.0,
+        eos_ids=tokenizer.eos_id,
+        pad_id=tokenizer.pad_id,
+    )
+
+    def generate(prompt_BxP: np.ndarray, prompt_valid_BxP: np.ndarray) -> list[str]:
+        samples = sampling.generate(
+            params, prompt_BxP, prompt_valid_BxP, jax.random.key(0), model_config, settings
+        )
+        samples = jax.device_get(samples)
+        return decode_completions(tokenizer, samples.tokens_BxN, samples.lengths_B)
+
+    return generate
+
+
+# ----------------------------------------------------------------------------- stages
+
+
+def _to_distill_batch(
+    arrays: tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray],
+) -> distill.DistillBatch:
+    prompt, prompt_valid, target, target_valid = arrays
+    return distill.DistillBatch(
+        prompt_BxP=jnp.asarray(prompt),
+        prompt_valid_BxP=jnp.asarray(prompt_valid),
+        completion_BxN=jnp.asarray(target),
+        completion_mask_BxN=jnp.asarray(target_valid, jnp.float32),
+    )
+
+
+def _batch_arrays(batch: data.Batch) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    return batch.prompt_BxP, batch.prompt_valid_BxP, batch.target_BxN, batch.target_valid_BxN
+
+
+def fine_tune(
+    name: str,
+    workdir: pathlib.Path,
+    params: Params,
+    model_config: ModelConfig,
+    split: data.Split,
+    tokenizer: tokenizer_lib.Tokenizer,
+    spec: data.BatchSpec,
+    steps: int,
+    learning_rate: float,
+    schedule: Schedule,
+    writer: reporting.MetricsWriter,
+) -> Params:
+    """Supervised fine-tuning on the targets; returns `params` unchanged for 0 steps."""
+    if steps == 0:
+        return params
+    cfg = distill.DistillConfig(learning_rate=learning_rate, warmup_steps=min(5, steps))
+    optimizer = distill.make_optimizer(cfg, steps)
+    update = distill.make_sft_step(model_config, 1, optimizer)
+
+    def step_fn(state, step):
+        batch = data.batch_at(split, tokenizer, spec, schedule.seed, step)
+        return update(state, None, _to_distill_batch(_batch_arrays(batch)))
+
+    stage = trainer.Stage(name, workdir / name, steps, schedule.checkpoint_every, model_config)
+    state = distill.init_train_state(params, optimizer, schedule.seed)
+    return trainer.run(stage, state, step_fn, writer).params
+
+
+def _repeat_rows(arrays: Sequence[np.ndarray], times: int) -> tuple[np.ndarray, ...]:
+    return tuple(np.repeat(a, times, axis=0) for a in arrays)
+
+
+def reward_fn(task: Task) -> Callable[[str, Mapping[str, Any]], float]:
+    """The task's primary metric of one completion, in [0, 1]."""
+    metric = evaluation.resolve_metric(task.metric)
+    return lambda text, example: metric([text], [example])[task.primary_metric] / 100.0
+
+
+# ----------------------------------------------------------------------------- evaluation
+
+
+class EvalCache:
+    """Evaluation results kept in the workdir, so a resumed run does not redo them."""
+
+    def __init__(self, path: pathlib.Path) -> None:
+        self.path = path
+        self.results = json.loads(path.read_text()) if path.exists() else {}
+
+    def get(self, key: str, compute: Callable[[], evaluation.EvalResult]) -> dict[str, Any]:
+        if key not in self.results:
+            result = compute()
+            self.results[key] = {
+                "metrics": result.metrics,
+                "num_examples": result.num_examples,
+                "samples": [list(s) for s in result.samples],
+            }
+            if reporting.is_main_process():
+                self.path.write_text(json.dumps(self.results, indent=2))
+        return self.results[key]
+
+
+# ----------------------------------------------------------------------------- run
+
+
+def _check_schedule(schedule: Schedule, cfg: distill.DistillConfig) -> None:
+    rl_on = cfg.rl_alpha < 1.0
+    per_prompt = schedule.rl_group_size if rl_on else 1
+    if schedule.batch_size % (per_prompt * cfg.grad_accum):
+        raise config.ConfigError(
+            f"Schedule.batch_size={schedule.batch_size} must be a multiple of "
+            f"rl_group_size x grad_accum = {per_prompt} x {cfg.grad_accum}"
+        )
+    if schedule.eval_every < 1 or schedule.checkpoint_every < 1 or schedule.steps < 1:
+        raise config.ConfigError("Schedule.steps, eval_every and checkpoint_every must be >= 1")
+
+
+def run(workdir: str | pathlib.Path, title: str) -> list[dict[str, Any]]:
+    """Runs (or resumes) the experiment configured by gin; returns the results rows."""
+    workdir = pathlib.Path(workdir)
+    task, models, schedule = Task(), Models(), Schedule()
+    cfg, mixture, rollout_sampling = (
+        distill.DistillConfig(),
+        rollout.MixtureConfig(),
+        RolloutSampling(),
+    )
+    _check_schedule(schedule, cfg)
+
+    tokenizer = tokenizer_lib.load(models.teacher)
+    splits = {
+        name: data.load_split(task.dataset, split, task.data_dir, task.input_key, task.target_key)
+        for name, split in (
+            ("train", task.train_split),
+            ("eval", task.eval_split),
+            ("test", task.test_split),
+        )
+    }
+    template = task.template()
+    group = schedule.rl_group_size if cfg.rl_alpha < 1.0 else 1
+    train_spec = data.BatchSpec(
+        schedule.batch_size // group, schedule.prompt_len, schedule.completion_len, template
+    )
+    sft_spec = dataclasses.replace(train_spec, batch_size=schedule.batch_size)
+    eval_spec = dataclasses.replace(train_spec, batch_size=schedule.eval_batch_size, shuffle=False)
+
+    teacher_config, teacher_params, student_config, student_params = load_models(models)
+    for stage, stage_config in (
+        ("teacher_sft", teacher_config),
+        ("student_sft", student_config),
+        ("distill", student_config),
+    ):
+        train_checkpoint.check_directory(workdir / stage, stage_config)
+    config.save_operative_config(workdir)
+    with reporting.MetricsWriter(workdir / "logs") as writer:
+        tune = lambda name, params, model_config, steps: fine_tune(
+            name,
+            workdir,
+            params,
+            model_config,
+            splits["train"],
+            tokenizer,
+            sft_spec,
+            steps,
+            models.sft_learning_rate,
+            schedule,
+            writer,
+        )
+        teacher_params = tune(
+            "teacher_sft", teacher_params, teacher_config, models.teacher_sft_steps
+        )
+        student_params = tune(
+            "student_sft", student_params, student_config, models.student_sft_steps
+        )
+
+        evals = EvalCache(workdir / "evals.json")
+
+        def score(key, params, model_config, split, max_examples, log_step=None):
+            """Cached evaluation; logged as eval/<model>_<metric> when first computed."""
+            fresh = key not in evals.results
+            generate = greedy_generate_fn(params, model_config, tokenizer, schedule.completion_len)
+            result = evals.get(
+                key,
+                lambda: evaluation.evaluate(
+                    generate, splits[split], tokenizer, eval_spec, task.metric, max_examples
+                ),
+            )
+            if fresh and log_step is not None:
+                name = key.split("/")[0]
+                metrics = {f"eval/{name}_{k}": v for k, v in result["metrics"].items()}
+                writer.write(log_step, metrics)
+            return result
+
+        teacher_test = score(
+            "teacher/test", teacher_params, teacher_config, "test", schedule.test_examples
+        )
+        start_test = score(
+            "student_start/test", student_params, student_config, "test", schedule.test_examples
+        )
+        score("teacher/eval/0", teacher_params, teacher_config, "eval", schedule.eval_examples, 0)
+        score("student/eval/0", student_params, student_config, "eval", schedule.eval_examples, 0)
+
+        optimizer = distill.make_optimizer(cfg, schedule.steps)
+        update = distill.make_update_step(student_config, teacher_config, cfg, optimizer)
+        sample_cfg = sampling.SamplingConfig(
+            max_new_tokens=schedule.completion_len,
+            temperature=rollout_sampling.temperature,
+            top_k=rollout_sampling.top_k,
+            top_p=rollout_sampling.top_p,
+            eos_ids=tokenizer.eos_id,
+            pad_id=tokenizer.pad_id,
+        )
+        roll = rollout.make_rollout(student_config, teacher_config, mixture, sample_cfg)
+        reward = reward_fn(task)
+
+        def distill_step(state, step):
+            batch = data.batch_at(splits["train"], tokenizer, train_spec, schedule.seed, step)
+            arrays = _repeat_rows(_batch_arrays(batch), group)
+            distill_batch, on_B = roll(state, teacher_params, *(jnp.asarray(a) for a in arrays))
+            extra = {"on_policy_fraction": jnp.mean(on_B.astype(jnp.float32))}
+            if cfg.rl_alpha < 1.0:
+                tokens, mask = jax.device_get(
+                    (distill_batch.completion_BxN, distill_batch.completion_mask_BxN)
+                )
+                texts = decode_completions(tokenizer, tokens, mask.sum(axis=1).astype(int))
+                examples = [e for e in batch.examples for _ in range(group)]
+                rewards = np.array([reward(t, e) for t, e in zip(texts, examples, strict=True)])
+                advantages = rollout.group_advantages(rewards, group)
+                distill_batch = distill_batch.replace(advantage_B=jnp.asarray(advantages))
+                extra["reward"] = float(rewards.mean())
+            state, metrics = update(state, teacher_params, distill_batch)
+            return state, {**metrics, **extra}
+
+        def after_step(step, state):
+            if step % schedule.eval_every == 0 or step == schedule.steps:
+                key = f"student/eval/{step}"
+                score(key, state.params, student_config, "eval", schedule.eval_examples, step)
+
+        stage = trainer.Stage(
+            "distill",
+            workdir / "distill",
+            schedule.steps,
+            schedule.checkpoint_every,
+            student_config,
+        )
+        state = distill.init_train_state(student_params, optimizer, schedule.seed)
+        state = trainer.run(stage, state, distill_step, writer, after_step)
+        final_test = score(
+            f"student_distilled/test/{schedule.steps}",
+            state.params,
+            student_config,
+            "test",
+            schedule.test_examples,
+        )
+
+    rows = [
+        _row("teacher", teacher_config, teacher_test),
+        _row("student before distillation", student_config, start_test),
+        _row("student after distillation", student_config, final_test),
+    ]
+    samples = {
+        name: evals_result["samples"]
+        for name, evals_result in (
+            ("teacher", teacher_test),
+            ("student before", start_test),
+            ("student after", final_test),
+        )
+    }
+    if reporting.is_main_process():
+        reporting.write_results(workdir, rows, samples)
+        records = reporting.read_metrics(workdir / "logs" / reporting.METRICS_FILE)
+        keys = [f"eval/student_{task.primary_metric}", "distill/divergence"]
+        reporting.plot_curves(records, keys, workdir / "curves.png", title=title)
+        print(f"\n{title}: test set, {final_test['num_examples']} examples\n")
+        print(reporting.results_table(rows))
+        print(f"\nresults, samples and curves in {workdir}")
+    return rows
+
+
+def _row(name: str, model_config: ModelConfig, result: Mapping[str, Any]) -> dict[str, Any]:
+    return {
+        "model": name,
+        "layers": model_config.n_layers,
+        **{k: round(v, 2) for k, v in result["metrics"].items()},
+    }
+
+
+def main(description: str, default_gin_file: pathlib.Path, default_workdir: str) -> None:
+    """The entry point of an experiment module: its gin file first, then the user's."""
+    logging.basicConfig(level=logging.WARNING)
+    args = config.parse(description, default_gin_files=[str(default_gin_file)])
+    run(args.workdir or default_workdir, title=default_gin_file.stem)

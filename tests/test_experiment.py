@@ -1,0 +1,133 @@
+"""The experiments end to end on the real model and tokenizer, at tiny sizes: results,
+resume after SIGTERM equal to an uninterrupted run, and clear errors that overwrite nothing."""
+
+import json
+import signal
+
+import gin
+import jax
+import numpy as np
+import orbax.checkpoint as ocp
+import pytest
+
+from experiments import gkd_arithmetic, gkd_summarize
+from opd_jax import config, data, experiment, reporting, train_checkpoint
+from opd_jax.datasets import base
+
+TINY = [
+    "Models.student_layers = 1",
+    "Models.student_sft_steps = 1",
+    "Models.teacher_sft_steps = 0",
+    "Schedule.steps = 4",
+    "Schedule.batch_size = 2",
+    "Schedule.prompt_len = 64",
+    "Schedule.completion_len = 6",
+    "Schedule.checkpoint_every = 2",
+    "Schedule.eval_every = 2",
+    "Schedule.eval_examples = 2",
+    "Schedule.test_examples = 2",
+    "Schedule.eval_batch_size = 2",
+    "MixtureConfig.on_policy_fraction = 0.5",
+]
+
+
+@pytest.fixture(autouse=True)
+def clean_gin():
+    gin.clear_config()
+    yield
+    gin.clear_config()
+
+
+def _run(gin_file, workdir, extra=()):
+    config.apply_gin([str(gin_file)], [*TINY, *extra])
+    return experiment.run(workdir, title="test")
+
+
+def _final_params(workdir, step=4):
+    mngr = train_checkpoint.manager(workdir / "distill")
+    restored = mngr.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore()))
+    return restored["state"]["params"]
+
+
+@pytest.mark.parametrize("module", [gkd_summarize, gkd_arithmetic], ids=["summarize", "arithmetic"])
+def test_tiny_run_writes_results_table_plot_and_config(module, tmp_path):
+    # The arithmetic run also fine-tunes its teacher and mixes in the RL reward.
+    rl = ["DistillConfig.rl_alpha = 0.5", "Schedule.rl_group_size = 2"]
+    extra = ["Models.teacher_sft_steps = 1", *rl] if module is gkd_arithmetic else []
+    rows = _run(module.GIN_FILE, tmp_path, extra)
+    assert [r["model"] for r in rows] == [
+        "teacher",
+        "student before distillation",
+        "student after distillation",
+    ]
+    metric = "rougeL" if module is gkd_summarize else "exact_match"
+    assert all(0.0 <= r[metric] <= 100.0 for r in rows)
+    results = json.loads((tmp_path / "results.json").read_text())
+    assert results == rows
+    assert (tmp_path / "curves.png").stat().st_size > 0
+    assert "Schedule.steps = 4" in (tmp_path / "operative_config.gin").read_text()
+    records = reporting.read_metrics(tmp_path / "logs" / reporting.METRICS_FILE)
+    logged = {key for r in records for key in r}
+    assert {"distill/loss", "distill/divergence", "distill/on_policy_fraction"} <= logged
+    if module is gkd_arithmetic:
+        assert {"teacher_sft/loss", "distill/reward", "distill/policy_gradient"} <= logged
+    assert f"eval/student_{metric}" in logged and f"eval/teacher_{metric}" in logged
+    assert train_checkpoint.manager(tmp_path / "distill").all_steps()[-1] == 4
+
+
+def test_sigterm_then_rerun_ends_where_an_uninterrupted_run_does(tmp_path, monkeypatch):
+    _run(gkd_summarize.GIN_FILE, tmp_path / "straight")
+    gin.clear_config()
+
+    original_write = reporting.MetricsWriter.write
+
+    def write_then_preempt(self, step, scalars):
+        original_write(self, step, scalars)
+        if step == 2 and "distill/loss" in scalars:
+            signal.raise_signal(signal.SIGTERM)
+
+    monkeypatch.setattr(reporting.MetricsWriter, "write", write_then_preempt)
+    interrupted = tmp_path / "interrupted"
+    with pytest.raises(SystemExit, match="preempted at step 2"):
+        _run(gkd_summarize.GIN_FILE, interrupted)
+    assert train_checkpoint.manager(interrupted / "distill").all_steps() == [2]
+    monkeypatch.setattr(reporting.MetricsWriter, "write", original_write)
+    gin.clear_config()
+    _run(gkd_summarize.GIN_FILE, interrupted)
+
+    jax.tree.map(
+        lambda a, b: np.testing.assert_allclose(a, b, atol=1e-6),
+        _final_params(tmp_path / "straight"),
+        _final_params(interrupted),
+    )
+    straight = json.loads((tmp_path / "straight" / "results.json").read_text())
+    assert json.loads((interrupted / "results.json").read_text()) == straight
+
+
+def test_workdir_of_another_model_is_refused_and_left_alone(tmp_path):
+    _run(gkd_summarize.GIN_FILE, tmp_path)
+    before = {p: p.stat().st_mtime_ns for p in tmp_path.rglob("*") if p.is_file()}
+    gin.clear_config()
+    with pytest.raises(train_checkpoint.CheckpointMismatchError, match="n_layers"):
+        _run(gkd_summarize.GIN_FILE, tmp_path, ["Models.student_layers = 2"])
+    after = {p: p.stat().st_mtime_ns for p in tmp_path.rglob("*") if p.is_file()}
+    assert after == before
+
+
+def test_missing_dataset_names_it_before_the_workdir_is_touched(tmp_path, monkeypatch):
+    monkeypatch.setenv(base.DATA_DIR_ENV, str(tmp_path / "data"))
+    with pytest.raises(data.MissingDatasetError, match="'xsum' is not prepared"):
+        _run(gkd_summarize.GIN_FILE, tmp_path / "work", ['Task.dataset = "xsum"'])
+    assert not (tmp_path / "work").exists()
+
+
+def test_bad_binding_is_one_line_naming_it():
+    with pytest.raises(config.ConfigError, match=r"--gin_param 'Schedule.stepz = 3'") as err:
+        config.apply_gin([str(gkd_summarize.GIN_FILE)], ["Schedule.stepz = 3"])
+    assert "\n" not in str(err.value)
+
+
+def test_batch_not_divisible_by_rl_groups_is_a_config_error(tmp_path):
+    extra = ["DistillConfig.rl_alpha = 0.5", "Schedule.rl_group_size = 3"]
+    with pytest.raises(config.ConfigError, match="multiple of rl_group_size"):
+        _run(gkd_arithmetic.GIN_FILE, tmp_path, extra)
