@@ -80,7 +80,9 @@ def check_directory(directory: str | pathlib.Path, config: ModelConfig) -> None:
             _check_fingerprint(mngr, step, config)
 
 
-def restore_latest(mngr: ocp.CheckpointManager, abstract_state: Any, config: ModelConfig) -> Any | None:
+def restore_latest(
+    mngr: ocp.CheckpointManager, abstract_state: Any, config: ModelConfig
+) -> Any | None:
     """The newest readable state, or None for a fresh workdir.
 
     `abstract_state` (e.g. from `jax.eval_shape`, carrying shardings) tells Orbax the
@@ -94,7 +96,9 @@ def restore_latest(mngr: ocp.CheckpointManager, abstract_state: Any, config: Mod
                 step, args=ocp.args.Composite(**{_STATE: ocp.args.StandardRestore(abstract_state)})
             )
         except Exception as err:  # a damaged step: fall back to the one before it
-            logging.warning("checkpoint step %d in %s is unreadable (%s)", step, mngr.directory, err)
+            logging.warning(
+                "checkpoint step %d in %s is unreadable (%s)", step, mngr.directory, err
+            )
             continue
         return restored[_STATE]
     if steps:

@@ -10,7 +10,9 @@ import pytest
 from opd_jax import distill, model, train_checkpoint
 from opd_jax.model import ModelConfig
 
-CONFIG = ModelConfig(vocab_size=64, d_model=16, n_layers=2, n_heads=2, n_kv_heads=1, head_dim=8, mlp_dim=32)
+CONFIG = ModelConfig(
+    vocab_size=64, d_model=16, n_layers=2, n_heads=2, n_kv_heads=1, head_dim=8, mlp_dim=32
+)
 
 
 def _state(seed: int) -> distill.TrainState:
@@ -36,7 +38,9 @@ def test_round_trip_restores_the_newest_step(tmp_path):
 
 def test_fresh_workdir_restores_nothing(tmp_path):
     mngr = train_checkpoint.manager(tmp_path)
-    assert train_checkpoint.restore_latest(mngr, train_checkpoint.abstract(_state(0)), CONFIG) is None
+    assert (
+        train_checkpoint.restore_latest(mngr, train_checkpoint.abstract(_state(0)), CONFIG) is None
+    )
 
 
 def test_checkpoint_of_another_model_is_refused_and_kept(tmp_path):
