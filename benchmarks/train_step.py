@@ -1,12 +1,15 @@
-"""One on-policy GKD step, timed by part, and the update step's memory with and without
-vocabulary chunking.
+"""One on-policy GKD step, timed by part, side by side with TRL's `GKDTrainer`, and our
+update step's memory with and without vocabulary chunking.
 
 Teacher SmolLM2-135M-Instruct, student its layer-pruned copy, float32, random prompts.
-The step is: sample `--new-tokens` from the student (the jitted rollout at lambda = 1),
-then the jitted update (teacher forward, student forward and backward, divergence,
-AdamW). The teacher's share is timed by a separately jitted teacher forward over the
-same sequences; learner = update - teacher. Memory is XLA's own account of the
-compiled update (temporaries), so it is exact and needs no profiler.
+The step is: sample `--new-tokens` from the student at temperature 1 (lambda = 1), then
+teacher forward, student forward and backward, generalized JSD(0.5), AdamW. Ours is the
+jitted rollout and the jitted update; the teacher's share is timed by a separately jitted
+teacher forward over the same sequences, and learner = update - teacher. TRL's is
+`GKDTrainer.training_step` (HF `generate`, then its loss and backward) plus the
+optimizer step, on the same student exported to safetensors and the same teacher GGUF;
+it runs with gradient checkpointing off, so its `generate` keeps the KV cache (its
+fastest setting). Memory is XLA's own account of our compiled update (temporaries).
 
     python -m benchmarks.train_step --batch 8 --prompt-len 128 --new-tokens 64
 """
@@ -14,6 +17,7 @@ compiled update (temporaries), so it is exact and needs no profiler.
 from __future__ import annotations
 
 import argparse
+import tempfile
 import time
 from collections.abc import Callable
 
@@ -21,13 +25,14 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from opd_jax import checkpoints, distill, model, rollout, sampling
+from opd_jax import assets, checkpoints, distill, model, rollout, sampling
 
 MODEL = "smollm2-135m-instruct"
 
 
 def _best_seconds(run: Callable[[], object], repeats: int) -> float:
-    """Fastest of `repeats` calls after one warm-up (compile) call."""
+    """Fastest of `repeats` calls after one warm-up (compile) call: on a shared machine
+    noise only ever adds time."""
     jax.block_until_ready(run())
     times = []
     for _ in range(repeats):
@@ -79,10 +84,9 @@ def main() -> None:
         f"prompt {args.prompt_len}, {args.new_tokens} sampled tokens, fp32, best of "
         f"{args.repeats}\n"
     )
-    print("| vocab_chunk | sampling s | teacher s | learner s | total s | update temp MiB |")
-    print("|---:|---:|---:|---:|---:|---:|")
+    rows = {}
     for chunk in (0, args.chunk):
-        parts = _measure(
+        rows[f"opd-jax, vocab_chunk {chunk or 'off'}"] = _measure(
             chunk,
             student_config,
             teacher_config,
@@ -93,10 +97,18 @@ def main() -> None:
             inputs,
             args.repeats,
         )
+    rows["TRL GKDTrainer"] = _measure_trl(
+        student_config, student_params, np.asarray(prompt), args.new_tokens, args.repeats
+    )
+    theirs = rows["TRL GKDTrainer"]["total"]
+    print("| step | sampling s | teacher s | learner s | total s | TRL / this | update temp MiB |")
+    print("|---|---:|---:|---:|---:|---:|---:|")
+    for name, parts in rows.items():
+        memory = f"{parts['temp_mib']:.0f}" if "temp_mib" in parts else "n/a"
         print(
-            f"| {chunk or 'off'} | {parts['sampling']:.2f} | {parts['teacher']:.2f} | "
-            f"{parts['update'] - parts['teacher']:.2f} | {parts['sampling'] + parts['update']:.2f} "
-            f"| {parts['temp_mib']:.0f} |",
+            f"| {name} | {parts['sampling']:.2f} | {parts['teacher']:.2f} | "
+            f"{parts['learner']:.2f} | {parts['total']:.2f} | {theirs / parts['total']:.2f}x "
+            f"| {memory} |",
             flush=True,
         )
 
@@ -123,12 +135,88 @@ def _measure(
         lambda: update(jax.tree.map(jnp.copy, state), teacher_params, batch), repeats
     )
     memory = update.lower(state, teacher_params, batch).compile().memory_analysis()
+    sampling_s = _best_seconds(lambda: roll(state, teacher_params, *inputs), repeats)
+    teacher_s = _best_seconds(lambda: teacher_forward(teacher_params, batch), repeats)
+    update_s -= copy_s  # the copy only keeps the donated state alive between repeats
     return {
-        "sampling": _best_seconds(lambda: roll(state, teacher_params, *inputs), repeats),
-        "teacher": _best_seconds(lambda: teacher_forward(teacher_params, batch), repeats),
-        # the copy only keeps the donated state alive between repeats
-        "update": update_s - copy_s,
+        "sampling": sampling_s,
+        "teacher": teacher_s,
+        "learner": update_s - teacher_s,
+        "total": sampling_s + update_s,
         "temp_mib": memory.temp_size_in_bytes / 2**20,
+    }
+
+
+def _measure_trl(student_config, student_params, prompt_BxP, new_tokens, repeats):
+    """The same step through TRL's GKDTrainer, timed by part like ours."""
+    import datasets
+    import torch
+    import transformers
+    from trl.experimental.gkd import GKDConfig, GKDTrainer
+
+    path = assets.fetch(MODEL)
+    load = transformers.AutoModelForCausalLM.from_pretrained
+    teacher = load(str(path.parent), gguf_file=path.name, dtype=torch.float32)
+    tokenizer = transformers.AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
+    with tempfile.TemporaryDirectory() as tmp:
+        checkpoints.save_hf_dir(student_config, student_params, tmp)
+        student = load(tmp, dtype=torch.float32)
+        args = GKDConfig(
+            output_dir=tmp,
+            per_device_train_batch_size=prompt_BxP.shape[0],
+            lmbda=1.0,
+            beta=0.5,
+            temperature=1.0,
+            max_new_tokens=new_tokens,
+            gradient_checkpointing=False,
+            use_cpu=True,
+            report_to=[],
+        )
+        messages = [[{"role": "user", "content": "-"}, {"role": "assistant", "content": "-"}]]
+        trainer = GKDTrainer(
+            model=student,
+            teacher_model=teacher,
+            args=args,
+            train_dataset=datasets.Dataset.from_dict({"messages": messages}),
+            processing_class=tokenizer,
+        )
+    trainer.generation_config.min_new_tokens = new_tokens  # full length, like ours
+    trainer.create_optimizer()
+    trainer.current_gradient_accumulation_steps = 1  # what Trainer.train sets per step
+    student.train()
+    prompts = torch.from_numpy(prompt_BxP.astype(np.int64))
+    inputs = {
+        "prompts": prompts,
+        "prompt_attention_mask": torch.ones_like(prompts),
+        "input_ids": prompts,
+        "attention_mask": torch.ones_like(prompts),
+        "labels": torch.full_like(prompts, -100),
+    }
+
+    def generate():
+        with torch.no_grad():
+            return trainer.generate_on_policy_outputs(student, inputs, trainer.generation_config)
+
+    def step():
+        loss = trainer.training_step(student, dict(inputs))
+        trainer.optimizer.step()
+        trainer.optimizer.zero_grad()
+        return loss
+
+    sequences, attention, _ = generate()
+
+    def teacher_forward():
+        with torch.no_grad():
+            return teacher(input_ids=sequences, attention_mask=attention).logits
+
+    sampling_s = _best_seconds(generate, repeats)
+    teacher_s = _best_seconds(teacher_forward, repeats)
+    total_s = _best_seconds(step, repeats)
+    return {
+        "sampling": sampling_s,
+        "teacher": teacher_s,
+        "learner": total_s - sampling_s - teacher_s,
+        "total": total_s,
     }
 
 
