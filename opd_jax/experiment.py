@@ -109,7 +109,7 @@ class Schedule:
     completion_len: int = 64
     checkpoint_every: int = 10
     eval_every: int = 20
-    eval_examples: int = 24
+    eval_examples: int | None = 24
     test_examples: int | None = 50
     eval_batch_size: int = 8
     rl_group_size: int = 1
