@@ -176,13 +176,16 @@ _INPUT_MARK = "\ue000"  # a private-use character that no template or dataset co
 
 
 def encode_prompt(
-    example: Mapping[str, Any], template: PromptTemplate, tokenizer: Tokenizer, max_len: int
+    example: Mapping[str, Any],
+    template: PromptTemplate,
+    tokenizer: Tokenizer,
+    max_len: int | None = None,
 ) -> list[int]:
-    """Prompt token ids, at most max_len. A prompt that does not fit loses the end of its
-    `input` (the document), never the instruction or the chat markup around it."""
+    """Prompt token ids, at most max_len (None: uncut). A prompt that does not fit loses the
+    end of its `input` (the document), never the instruction or the chat markup around it."""
     add_bos = not template.chat  # a chat template writes its own start-of-text markup
     ids = tokenizer.encode(render_prompt(example, template, tokenizer), add_bos=add_bos)
-    if len(ids) <= max_len:
+    if max_len is None or len(ids) <= max_len:
         return ids
     head, *tail = render_prompt({**example, "input": _INPUT_MARK}, template, tokenizer).split(
         _INPUT_MARK
@@ -202,6 +205,19 @@ def encode_target(text: str, tokenizer: Tokenizer, max_len: int) -> list[int]:
     a truncated target."""
     ids = tokenizer.encode(text, add_bos=False)[:max_len]
     return ids + [tokenizer.eos_id] if len(ids) < max_len else ids
+
+
+def count_cut_prompts(
+    split: Split, template: PromptTemplate, tokenizer: Tokenizer, max_len: int, sample: int = 256
+) -> tuple[int, int, int]:
+    """(prompts cut, prompts looked at, longest prompt) over the first `sample` examples.
+
+    A cut prompt loses the end of its input: harmless for a long document, fatal for a
+    math question, so the experiment reports it before training on it.
+    """
+    looked_at = min(sample, len(split))
+    lengths = [len(encode_prompt(split[i], template, tokenizer)) for i in range(looked_at)]
+    return sum(n > max_len for n in lengths), looked_at, max(lengths, default=0)
 
 
 # ----------------------------------------------------------------------------- batches

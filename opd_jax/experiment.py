@@ -86,14 +86,17 @@ class Task:
 class Models:
     """teacher / student: a packaged preset name, an HF directory or a GGUF file. With no
     student, the student is a layer-pruned teacher: `student_layers` is a count of evenly
-    spaced layers, or the tuple of layer indices to keep."""
+    spaced layers, or the tuple of layer indices to keep. The fine-tuning learning rates
+    are separate because a pruned student needs large steps to repair itself, which would
+    wreck a full pretrained teacher."""
 
     teacher: str = "smollm2-135m-instruct"
     student: str | None = None
     student_layers: int | tuple[int, ...] = 8
     teacher_sft_steps: int = 0
     student_sft_steps: int = 30
-    sft_learning_rate: float = 1e-4
+    teacher_sft_learning_rate: float = 1e-4
+    student_sft_learning_rate: float = 1e-4
 
 
 @gin.configurable
@@ -272,6 +275,27 @@ def _check_schedule(schedule: Schedule, cfg: distill.DistillConfig) -> None:
         raise config.ConfigError("Schedule.steps, eval_every and checkpoint_every must be >= 1")
 
 
+def warn_about_cut_prompts(
+    splits: Mapping[str, data.Split],
+    template: data.PromptTemplate,
+    tokenizer: tokenizer_lib.Tokenizer,
+    prompt_len: int,
+) -> None:
+    """Logs a warning per split whose rendered prompts overflow Schedule.prompt_len."""
+    for name, split in splits.items():
+        cut, looked_at, longest = data.count_cut_prompts(split, template, tokenizer, prompt_len)
+        if cut:
+            logging.warning(
+                "%d of the first %d %s prompts are longer than Schedule.prompt_len=%d "
+                "(longest %d tokens): the end of their input is cut",
+                cut,
+                looked_at,
+                name,
+                prompt_len,
+                longest,
+            )
+
+
 def run(workdir: str | pathlib.Path, title: str) -> list[dict[str, Any]]:
     """Runs (or resumes) the experiment configured by gin; returns the results rows."""
     workdir = pathlib.Path(workdir)
@@ -293,6 +317,7 @@ def run(workdir: str | pathlib.Path, title: str) -> list[dict[str, Any]]:
         )
     }
     template = task.template()
+    warn_about_cut_prompts(splits, template, tokenizer, schedule.prompt_len)
     group = schedule.rl_group_size if cfg.rl_alpha < 1.0 else 1
     train_spec = data.BatchSpec(
         schedule.batch_size // group, schedule.prompt_len, schedule.completion_len, template
@@ -309,7 +334,7 @@ def run(workdir: str | pathlib.Path, title: str) -> list[dict[str, Any]]:
         train_checkpoint.check_directory(workdir / stage, stage_config)
     config.save_operative_config(workdir)
     with reporting.MetricsWriter(workdir / "logs") as writer:
-        tune = lambda name, params, model_config, steps: fine_tune(
+        tune = lambda name, params, model_config, steps, learning_rate: fine_tune(
             name,
             workdir,
             params,
@@ -318,15 +343,23 @@ def run(workdir: str | pathlib.Path, title: str) -> list[dict[str, Any]]:
             tokenizer,
             sft_spec,
             steps,
-            models.sft_learning_rate,
+            learning_rate,
             schedule,
             writer,
         )
         teacher_params = tune(
-            "teacher_sft", teacher_params, teacher_config, models.teacher_sft_steps
+            "teacher_sft",
+            teacher_params,
+            teacher_config,
+            models.teacher_sft_steps,
+            models.teacher_sft_learning_rate,
         )
         student_params = tune(
-            "student_sft", student_params, student_config, models.student_sft_steps
+            "student_sft",
+            student_params,
+            student_config,
+            models.student_sft_steps,
+            models.student_sft_learning_rate,
         )
 
         evals = EvalCache(workdir / "evals.json")

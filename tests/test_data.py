@@ -316,6 +316,19 @@ def test_truncation_cuts_the_document_and_keeps_the_instruction(data_dir, tokeni
         data.encode_prompt(batch.examples[0], data.SUMMARIZE_PAPER, tokenizer, max_len=20)
 
 
+def test_cut_prompts_are_counted_against_the_longest(data_dir, tokenizer):
+    split = data.load_split("gsm_symbolic", "train", data_dir)
+    lengths = [len(data.encode_prompt(split[i], data.SOLVE_MATH, tokenizer)) for i in range(3)]
+    longest = max(lengths)
+    assert data.count_cut_prompts(split, data.SOLVE_MATH, tokenizer, longest, sample=3) == (
+        0,
+        3,
+        longest,
+    )
+    cut, looked_at, _ = data.count_cut_prompts(split, data.SOLVE_MATH, tokenizer, longest - 1, 3)
+    assert (cut, looked_at) == (sum(n == longest for n in lengths), 3)
+
+
 def test_plain_template_starts_with_bos(tokenizer):
     template = data.PromptTemplate("Q: {input}", chat=False)
     ids = data.encode_prompt({"input": "12 + 7"}, template, tokenizer, max_len=64)
