@@ -284,9 +284,22 @@ def make_batch(
     return prompt_BxP, prompt_valid_BxP, target_BxN, target_valid_BxN
 
 
-def batch_at(split: Split, tokenizer: Tokenizer, spec: BatchSpec, seed: int, step: int) -> Batch:
-    """The batch at `step`, a pure function of (split, spec, seed, step)."""
+def batch_at(
+    split: Split,
+    tokenizer: Tokenizer,
+    spec: BatchSpec,
+    seed: int,
+    step: int,
+    rows: slice | None = None,
+) -> Batch:
+    """The batch at `step`, a pure function of (split, spec, seed, step).
+
+    `rows` keeps only those rows of it (a host of a multi-host run reads and tokenizes
+    just its own share); row r is the same example whichever rows are asked for.
+    """
     indices_B = example_indices(step, spec.batch_size, len(split), seed, spec.shuffle)
+    if rows is not None:
+        indices_B = indices_B[rows]
     examples = tuple(split[int(i)] for i in indices_B)
     arrays = make_batch(examples, tokenizer, spec)
     epoch = step * spec.batch_size // len(split)

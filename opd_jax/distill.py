@@ -20,7 +20,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from opd_jax import losses, model
+from opd_jax import losses, model, sharding
 from opd_jax.model import ModelConfig, Params
 
 
@@ -170,6 +170,7 @@ def _per_token_terms(
     student_config: ModelConfig,
     teacher_config: ModelConfig,
     cfg: DistillConfig,
+    logits_sharding: Any = None,
 ) -> dict[str, jax.Array]:
     """Per-token divergence, token log-probs and entropies, each [B, N]."""
     mask = batch.completion_mask_BxN
@@ -203,6 +204,7 @@ def _per_token_terms(
         beta=cfg.beta,
         temperature=cfg.temperature,
         chunk_size=cfg.vocab_chunk,
+        logits_sharding=logits_sharding,
     )
 
 
@@ -243,10 +245,17 @@ def _split_micro(batch: DistillBatch, k: int) -> DistillBatch:
 LossSums = Callable[[Params, Any, DistillBatch], dict[str, jax.Array]]
 
 
-def _make_step(loss_sums: LossSums, grad_accum: int, optimizer: optax.GradientTransformation):
+def _make_step(
+    loss_sums: LossSums,
+    grad_accum: int,
+    optimizer: optax.GradientTransformation,
+    shardings: sharding.StepShardings | None,
+):
     """The shared update: gradients of loss_sums / (real tokens in the whole batch),
     accumulated over `grad_accum` micro-batches, then one optax update. A non-finite loss
-    or gradient keeps the old params and optimizer state (the host raises on `finite`)."""
+    or gradient keeps the old params and optimizer state (the host raises on `finite`).
+    With `shardings` the state keeps its layout from step to step and metrics come back
+    replicated."""
 
     def micro_grads(params, frozen, micro: DistillBatch, num_tokens):
         def scaled_loss(p):
@@ -283,7 +292,14 @@ def _make_step(loss_sums: LossSums, grad_accum: int, optimizer: optax.GradientTr
         )
         return new_state, metrics
 
-    return jax.jit(update, donate_argnums=0)
+    if shardings is None:
+        return jax.jit(update, donate_argnums=0)
+    return jax.jit(
+        update,
+        donate_argnums=0,
+        in_shardings=(shardings.state, shardings.frozen, shardings.batch),
+        out_shardings=(shardings.state, sharding.replicated(shardings.mesh)),
+    )
 
 
 def make_update_step(
@@ -291,6 +307,7 @@ def make_update_step(
     teacher_config: ModelConfig,
     cfg: DistillConfig,
     optimizer: optax.GradientTransformation,
+    shardings: sharding.StepShardings | None = None,
 ):
     """update(state, teacher_params, batch) -> (state, metrics), jitted, state donated.
 
@@ -299,21 +316,30 @@ def make_update_step(
     the batch carries advantages), plus num_tokens, grad_norm and finite.
     """
     check_vocab(teacher_config, student_config)
+    logits = None if shardings is None else shardings.logits
 
     def loss_sums(params, teacher_params, micro):
-        terms = _per_token_terms(params, teacher_params, micro, student_config, teacher_config, cfg)
+        terms = _per_token_terms(
+            params, teacher_params, micro, student_config, teacher_config, cfg, logits
+        )
         return _loss_sum(terms, micro, cfg)
 
-    return _make_step(loss_sums, cfg.grad_accum, optimizer)
+    return _make_step(loss_sums, cfg.grad_accum, optimizer, shardings)
 
 
-def make_sft_step(config: ModelConfig, grad_accum: int, optimizer: optax.GradientTransformation):
+def make_sft_step(
+    config: ModelConfig,
+    grad_accum: int,
+    optimizer: optax.GradientTransformation,
+    shardings: sharding.StepShardings | None = None,
+):
     """update(state, None, batch) -> (state, metrics): cross-entropy on the completions.
 
     Fine-tunes a teacher on the task, or a fresh student before distillation (GKD's
     students start from supervised fine-tuning). Same accumulation and NaN guard as
     the distillation step.
     """
+    pinned = None if shardings is None else shardings.logits
 
     def loss_sums(params, _, micro):
         mask = micro.completion_mask_BxN.astype(jnp.float32)
@@ -326,11 +352,11 @@ def make_sft_step(config: ModelConfig, grad_accum: int, optimizer: optax.Gradien
             micro.completion_mask_BxN,
             remat=True,
         )
-        logits = model.logits_from_hidden(params, hidden, config)
+        logits = sharding.constrain(model.logits_from_hidden(params, hidden, config), pinned)
         nll = -losses.token_logprobs(logits, micro.completion_BxN) * mask
         return {"loss": jnp.sum(nll)}
 
-    return _make_step(loss_sums, grad_accum, optimizer)
+    return _make_step(loss_sums, grad_accum, optimizer, shardings)
 
 
 class NonFiniteLossError(FloatingPointError):

@@ -26,6 +26,8 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
+from opd_jax import sharding
+
 FULL_VOCAB_KINDS = ("forward_kl", "reverse_kl", "jsd")
 TOPK_FORMS = ("stopgrad", "renormalized", "unnormalized")
 
@@ -226,6 +228,7 @@ def _map_chunks(
     student_head_ExV: jax.Array,
     tokens_BxT: jax.Array | None,
     chunk_size: int,
+    logits_sharding: Any = None,
 ) -> Any:
     """Applies fn(teacher_logits, student_logits, tokens) -> {name: [B, C]} chunk by chunk.
 
@@ -235,14 +238,19 @@ def _map_chunks(
     every chunk's [B, C, V] residuals: peak logits memory is O(B x chunk_size x V) in both
     passes. The last chunk is zero-padded; padded positions are computed and dropped,
     so they receive no gradient. chunk_size = 0 materializes all logits at once.
+    `logits_sharding` pins both [B, C, V] logits (on a mesh: rows over the data axes,
+    vocabulary over the tensor axis, so no device holds a whole vocabulary row).
     """
     _check_chunk_size(chunk_size)
     teacher_hidden_BxTxD = jax.lax.stop_gradient(teacher_hidden_BxTxD)
     teacher_head_DxV = jax.lax.stop_gradient(teacher_head_DxV)
 
     def chunk_fn(teacher_head, student_head, teacher_hidden, student_hidden, tokens):
+        pin = lambda logits: sharding.constrain(logits, logits_sharding)
         return fn(
-            _logits(teacher_hidden, teacher_head), _logits(student_hidden, student_head), tokens
+            pin(_logits(teacher_hidden, teacher_head)),
+            pin(_logits(student_hidden, student_head)),
+            tokens,
         )
 
     T = student_hidden_BxTxE.shape[1]
@@ -304,6 +312,7 @@ def token_statistics(
     beta: float = 0.5,
     temperature: float = 1.0,
     chunk_size: int = 128,
+    logits_sharding: Any = None,
 ) -> dict[str, jax.Array]:
     """Everything one distillation step needs per position, [B, T] each, in one chunked pass.
 
@@ -338,6 +347,7 @@ def token_statistics(
         student_head_ExV,
         tokens_BxT,
         chunk_size,
+        logits_sharding,
     )
 
 

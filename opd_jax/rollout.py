@@ -19,7 +19,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from opd_jax import sampling
+from opd_jax import sampling, sharding
 from opd_jax.distill import DistillBatch, TrainState, step_key
 from opd_jax.model import ModelConfig, Params
 
@@ -47,8 +47,8 @@ class MixtureConfig:
             )
 
 
-def _sampled(params, config, prompt_BxP, prompt_valid_BxP, key, sampling_cfg):
-    samples = sampling.sample(params, prompt_BxP, prompt_valid_BxP, key, config, sampling_cfg)
+def _sampled(params, config, prompt_BxP, prompt_valid_BxP, key, sampling_cfg, mesh):
+    samples = sampling.sample(params, prompt_BxP, prompt_valid_BxP, key, config, sampling_cfg, mesh)
     return samples.tokens_BxN, samples.mask_BxN
 
 
@@ -57,13 +57,16 @@ def make_rollout(
     teacher_config: ModelConfig,
     mixture: MixtureConfig,
     sampling_cfg: sampling.SamplingConfig,
+    shardings: sharding.StepShardings | None = None,
 ):
     """rollout(state, teacher_params, prompt, prompt_valid, target, target_valid) ->
     (DistillBatch, on_policy_B), jitted.
 
     Completions have the target width N, which must equal sampling_cfg.max_new_tokens.
+    With `shardings`, inputs and outputs are placed as the update step expects them.
     """
     lam = mixture.on_policy_fraction
+    mesh = None if shardings is None else shardings.mesh
 
     def rollout(
         state: TrainState,
@@ -83,11 +86,13 @@ def make_rollout(
         prompts = (prompt_BxP, prompt_valid_BxP)
 
         def on_policy():
-            return _sampled(state.params, student_config, *prompts, student_key, sampling_cfg)
+            return _sampled(state.params, student_config, *prompts, student_key, sampling_cfg, mesh)
 
         def fixed():
             if mixture.fixed_source == "teacher":
-                return _sampled(teacher_params, teacher_config, *prompts, teacher_key, sampling_cfg)
+                return _sampled(
+                    teacher_params, teacher_config, *prompts, teacher_key, sampling_cfg, mesh
+                )
             return target_BxN, target_valid_BxN.astype(jnp.float32)
 
         if lam in (0.0, 1.0):  # static: compile only the branch that can run
@@ -110,7 +115,14 @@ def make_rollout(
         )
         return batch, on_B
 
-    return jax.jit(rollout)
+    if shardings is None:
+        return jax.jit(rollout)
+    rows = shardings.batch
+    return jax.jit(
+        rollout,
+        in_shardings=(shardings.state, shardings.frozen, rows, rows, rows, rows),
+        out_shardings=(rows, rows),
+    )
 
 
 def group_advantages(rewards_B: np.ndarray, group_size: int, eps: float = 1e-6) -> np.ndarray:

@@ -22,8 +22,9 @@ import flax.struct
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.sharding import Mesh
 
-from opd_jax import model
+from opd_jax import model, sharding
 from opd_jax.model import ModelConfig, Params
 
 
@@ -111,6 +112,7 @@ class Samples:
 
 # Per layer: keys and values [B, K, S, Dh], the layout the attention dots read directly.
 _LayerCaches = tuple[tuple[jax.Array, jax.Array], ...]
+CACHE_AXES = ("batch", "kv_heads", "length", "head_dim")  # logical axes of a cache buffer
 
 
 class _DecodeState(NamedTuple):
@@ -120,6 +122,20 @@ class _DecodeState(NamedTuple):
     positions_B: jax.Array  # position of the token last fed to the model
     done_B: jax.Array
     samples: Samples
+
+
+def _pin_layout(state: _DecodeState, mesh: Mesh | None) -> _DecodeState:
+    """Keeps the loop state's layout fixed on a mesh: caches by the logical-axis rules
+    (rows over the data axes, kv heads over tensor where they divide), every other
+    per-row buffer split by rows, so the while loop never reshards its carry."""
+    if mesh is None:
+        return state
+    cache_sharding = sharding.logical_to_sharding(CACHE_AXES, mesh)
+    rows = sharding.batch_sharding(mesh)
+    pin = lambda x, s: sharding.constrain(x, sharding.fitted_sharding(x.shape, s))
+    caches = jax.tree.map(lambda x: pin(x, cache_sharding), state.caches)
+    per_row = jax.tree.map(lambda x: pin(x, rows) if x.ndim else x, state._replace(caches=()))
+    return per_row._replace(caches=caches)
 
 
 def _filtered_logits(logits_BxV: jax.Array, config: SamplingConfig) -> jax.Array:
@@ -301,11 +317,13 @@ def sample(
     key: jax.Array,
     model_config: ModelConfig,
     config: SamplingConfig,
+    mesh: Mesh | None = None,
 ) -> Samples:
     """Completions of a left-padded prompt batch; pure and traceable (jit it, or call it
     from jitted code). Row i draws from fold_in(fold_in(key, i), step), so a row's sample
     does not depend on the rest of its batch. Prompt values are not checked here (they may
-    be tracers): use `generate`, or `check_prompts` on host."""
+    be tracers): use `generate`, or `check_prompts` on host. On a `mesh` the KV cache and
+    loop state are laid out by the logical-axis rules."""
     B, P = prompt_BxP.shape
     config.check(model_config.vocab_size, P)
     N = config.max_new_tokens
@@ -329,7 +347,7 @@ def sample(
         done_B=jnp.zeros((B,), bool),
         samples=empty,
     )
-    state = _emit(start, logits_BxV, row_keys_B, config)
+    state = _pin_layout(_emit(start, logits_BxV, row_keys_B, config), mesh)
 
     def keep_going(state: _DecodeState) -> jax.Array:
         return (state.step < N) & ~jnp.all(state.done_B)
@@ -341,12 +359,12 @@ def sample(
             params, layers, last_B, state, P + state.step - 1, model_config
         )
         state = state._replace(caches=caches, valid_BxS=valid_BxS)
-        return _emit(state, logits_BxV, row_keys_B, config)
+        return _pin_layout(_emit(state, logits_BxV, row_keys_B, config), mesh)
 
     return jax.lax.while_loop(keep_going, decode_one, state).samples
 
 
-sample_jit = jax.jit(sample, static_argnames=("model_config", "config"))
+sample_jit = jax.jit(sample, static_argnames=("model_config", "config", "mesh"))
 
 
 def check_prompts(
@@ -388,11 +406,17 @@ def generate(
     key: jax.Array,
     model_config: ModelConfig,
     config: SamplingConfig,
+    mesh: Mesh | None = None,
 ) -> Samples:
-    """Host entry point: checks the prompts, then runs the jitted sampler."""
+    """Host entry point: checks the prompts (every process holds them whole), then runs
+    the jitted sampler; on a `mesh` the prompts' rows are split over the data axes."""
     check_prompts(prompt_BxP, prompt_valid_BxP, model_config, config)
+    if mesh is None:
+        place = jnp.asarray
+    else:
+        place = lambda x: sharding.from_host(x, sharding.batch_sharding(mesh))
     return sample_jit(
-        params, jnp.asarray(prompt_BxP), jnp.asarray(prompt_valid_BxP), key, model_config, config
+        params, place(prompt_BxP), place(prompt_valid_BxP), key, model_config, config, mesh
     )
 
 

@@ -9,6 +9,7 @@ splitting of heads, MLP width and vocabulary).
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from collections.abc import Sequence
 from typing import Any
@@ -17,14 +18,16 @@ import flax.linen as nn
 import gin
 import jax
 import numpy as np
+from jax.experimental import multihost_utils
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
 
 MESH_AXES = ("data", "fsdp", "tensor")
+BATCH_AXES = ("data", "fsdp")  # the axes a batch's rows are split over
 
 # Logical axis -> mesh axes. Batch-like axes split over both data-parallel axes; the
 # embed axis of params is what FSDP shards; heads, MLP and vocab are tensor-parallel.
 DEFAULT_RULES: tuple[tuple[str, Any], ...] = (
-    ("batch", ("data", "fsdp")),
+    ("batch", BATCH_AXES),
     ("embed", "fsdp"),
     ("heads", "tensor"),
     ("kv_heads", "tensor"),
@@ -117,13 +120,55 @@ def param_shardings(
     return jax.tree.map(lambda x, s: fitted_sharding(np.shape(x), s), params_or_shapes, shardings)
 
 
-def batch_sharding(mesh: Mesh, ndim: int) -> NamedSharding:
-    """Leading (batch) dimension split over data and fsdp; the rest replicated."""
-    return NamedSharding(mesh, PartitionSpec(("data", "fsdp"), *([None] * (ndim - 1))))
+def batch_sharding(mesh: Mesh, ndim: int = 1) -> NamedSharding:
+    """Leading (batch) dimension split over data and fsdp; the rest replicated. With the
+    default ndim=1 it also serves as a pytree prefix for arrays of any rank."""
+    return NamedSharding(mesh, PartitionSpec(BATCH_AXES, *([None] * (ndim - 1))))
+
+
+def batch_shards(mesh: Mesh) -> int:
+    """Into how many row blocks a batch is split (batch sizes must be a multiple)."""
+    return math.prod(mesh.shape[a] for a in BATCH_AXES)
 
 
 def replicated(mesh: Mesh) -> NamedSharding:
     return NamedSharding(mesh, PartitionSpec())
+
+
+def constrain(x: Any, shardings: Any) -> Any:
+    """`with_sharding_constraint`, or nothing when no sharding is given (one device)."""
+    return x if shardings is None else jax.lax.with_sharding_constraint(x, shardings)
+
+
+@dataclasses.dataclass(frozen=True)
+class StepShardings:
+    """Where a jitted step's arguments live: the train state, the frozen params beside it
+    (the teacher, or None), the batch (a prefix sharding of its leading axis) and the
+    [B, T, V] logits inside the loss (vocabulary over the tensor axis)."""
+
+    state: Any
+    frozen: Any
+    batch: NamedSharding
+    logits: NamedSharding
+
+    @property
+    def mesh(self) -> Mesh:
+        return self.batch.mesh
+
+
+def from_host(x: Any, sharding: NamedSharding) -> jax.Array:
+    """A global array from a host array that every process holds whole; each process
+    transfers only the shards its own devices keep."""
+    x = np.asarray(x)
+    sharding = fitted_sharding(x.shape, sharding)
+    return jax.make_array_from_callback(x.shape, sharding, lambda index: x[index])
+
+
+def to_host(tree: Any) -> Any:
+    """Numpy copies of (possibly multi-host) global arrays, whole on every process."""
+    if jax.process_count() == 1:
+        return jax.device_get(tree)
+    return multihost_utils.process_allgather(tree, tiled=True)
 
 
 class DistributedInitError(RuntimeError):
