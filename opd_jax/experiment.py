@@ -25,6 +25,7 @@ import gin
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.sharding import Mesh
 
 from opd_jax import (
     checkpoints,
@@ -33,9 +34,11 @@ from opd_jax import (
     distill,
     evaluation,
     model,
+    parallel,
     reporting,
     rollout,
     sampling,
+    sharding,
     train_checkpoint,
     trainer,
 )
@@ -160,8 +163,10 @@ def greedy_generate_fn(
     model_config: ModelConfig,
     tokenizer: tokenizer_lib.Tokenizer,
     max_new_tokens: int,
+    mesh: Mesh | None = None,
 ) -> evaluation.GenerateFn:
-    """Evaluation's generate_fn: greedy completions through the jitted sampler."""
+    """Evaluation's generate_fn: greedy completions through the jitted sampler. Every
+    process passes the same prompts and gets every completion back."""
     settings = sampling.SamplingConfig(
         max_new_tokens=max_new_tokens,
         temperature=0.0,
@@ -171,9 +176,9 @@ def greedy_generate_fn(
 
     def generate(prompt_BxP: np.ndarray, prompt_valid_BxP: np.ndarray) -> list[str]:
         samples = sampling.generate(
-            params, prompt_BxP, prompt_valid_BxP, jax.random.key(0), model_config, settings
+            params, prompt_BxP, prompt_valid_BxP, jax.random.key(0), model_config, settings, mesh
         )
-        samples = jax.device_get(samples)
+        samples = sharding.to_host(samples)
         return decode_completions(tokenizer, samples.tokens_BxN, samples.lengths_B)
 
     return generate
@@ -182,20 +187,42 @@ def greedy_generate_fn(
 # ----------------------------------------------------------------------------- stages
 
 
-def _to_distill_batch(
-    arrays: tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray],
-) -> distill.DistillBatch:
-    prompt, prompt_valid, target, target_valid = arrays
-    return distill.DistillBatch(
-        prompt_BxP=jnp.asarray(prompt),
-        prompt_valid_BxP=jnp.asarray(prompt_valid),
-        completion_BxN=jnp.asarray(target),
-        completion_mask_BxN=jnp.asarray(target_valid, jnp.float32),
+def _repeat_rows(arrays: Sequence[np.ndarray], times: int) -> tuple[np.ndarray, ...]:
+    return tuple(np.repeat(a, times, axis=0) for a in arrays)
+
+
+def sharded_batch(
+    split: data.Split,
+    tokenizer: tokenizer_lib.Tokenizer,
+    spec: data.BatchSpec,
+    seed: int,
+    step: int,
+    mesh: Mesh,
+    repeat: int = 1,
+) -> tuple[data.Batch, tuple[jax.Array, ...]]:
+    """The step's batch with each prompt repeated `repeat` times, as global arrays
+    (prompt, prompt_valid, target, target_mask); this process builds only its own rows,
+    and the host-side `Batch` it returns holds just those."""
+    global_rows = spec.batch_size * repeat
+    rows = parallel.process_rows(mesh, global_rows)
+    batch = data.batch_at(
+        split, tokenizer, spec, seed, step, slice(rows.start // repeat, rows.stop // repeat)
     )
+    local = (
+        batch.prompt_BxP,
+        batch.prompt_valid_BxP,
+        batch.target_BxN,
+        batch.target_valid_BxN.astype(np.float32),
+    )
+    return batch, parallel.global_batch(_repeat_rows(local, repeat), mesh, global_rows)
 
 
-def _batch_arrays(batch: data.Batch) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
-    return batch.prompt_BxP, batch.prompt_valid_BxP, batch.target_BxN, batch.target_valid_BxN
+def place_model(
+    params: Params, model_config: ModelConfig, mesh: Mesh, role: str
+) -> tuple[Params, Any]:
+    """(params on the mesh, their shardings), laid out by `Layout`'s rules for `role`."""
+    shardings = parallel.param_shardings(model_config, mesh, parallel.Layout().rules(role))
+    return parallel.place_params(params, shardings), shardings
 
 
 def fine_tune(
@@ -210,25 +237,25 @@ def fine_tune(
     learning_rate: float,
     schedule: Schedule,
     writer: reporting.MetricsWriter,
+    params_sharding: Any,
 ) -> Params:
-    """Supervised fine-tuning on the targets; returns `params` unchanged for 0 steps."""
+    """Supervised fine-tuning on the targets; returns `params` unchanged for 0 steps. The
+    params (placed in `params_sharding`) keep their layout."""
     if steps == 0:
         return params
     cfg = distill.DistillConfig(learning_rate=learning_rate, warmup_steps=min(5, steps))
     optimizer = distill.make_optimizer(cfg, steps)
-    update = distill.make_sft_step(model_config, 1, optimizer)
+    state = parallel.create_train_state(params, optimizer, schedule.seed, params_sharding)
+    mesh = jax.tree.leaves(params_sharding)[0].mesh
+    shardings = parallel.step_shardings(state, None, mesh)
+    update = distill.make_sft_step(model_config, 1, optimizer, shardings)
 
     def step_fn(state, step):
-        batch = data.batch_at(split, tokenizer, spec, schedule.seed, step)
-        return update(state, None, _to_distill_batch(_batch_arrays(batch)))
+        _, arrays = sharded_batch(split, tokenizer, spec, schedule.seed, step, mesh)
+        return update(state, None, distill.DistillBatch(*arrays))
 
     stage = trainer.Stage(name, workdir / name, steps, schedule.checkpoint_every, model_config)
-    state = distill.init_train_state(params, optimizer, schedule.seed)
     return trainer.run(stage, state, step_fn, writer).params
-
-
-def _repeat_rows(arrays: Sequence[np.ndarray], times: int) -> tuple[np.ndarray, ...]:
-    return tuple(np.repeat(a, times, axis=0) for a in arrays)
 
 
 def reward_fn(task: Task) -> Callable[[str, Mapping[str, Any]], float]:
@@ -263,13 +290,20 @@ class EvalCache:
 # ----------------------------------------------------------------------------- run
 
 
-def _check_schedule(schedule: Schedule, cfg: distill.DistillConfig) -> None:
+def _check_schedule(schedule: Schedule, cfg: distill.DistillConfig, mesh: Mesh) -> None:
     rl_on = cfg.rl_alpha < 1.0
     per_prompt = schedule.rl_group_size if rl_on else 1
     if schedule.batch_size % (per_prompt * cfg.grad_accum):
         raise config.ConfigError(
             f"Schedule.batch_size={schedule.batch_size} must be a multiple of "
             f"rl_group_size x grad_accum = {per_prompt} x {cfg.grad_accum}"
+        )
+    shards = sharding.batch_shards(mesh)
+    if schedule.batch_size % (shards * per_prompt) or schedule.eval_batch_size % shards:
+        raise config.ConfigError(
+            f"Schedule.batch_size={schedule.batch_size} must be a multiple of data x fsdp x "
+            f"rl_group_size = {shards} x {per_prompt}, and Schedule.eval_batch_size="
+            f"{schedule.eval_batch_size} of data x fsdp = {shards} (mesh {dict(mesh.shape)})"
         )
     if schedule.eval_every < 1 or schedule.checkpoint_every < 1 or schedule.steps < 1:
         raise config.ConfigError("Schedule.steps, eval_every and checkpoint_every must be >= 1")
@@ -305,17 +339,22 @@ def run(workdir: str | pathlib.Path, title: str) -> list[dict[str, Any]]:
         rollout.MixtureConfig(),
         RolloutSampling(),
     )
-    _check_schedule(schedule, cfg)
+    mesh = sharding.make_mesh()
+    _check_schedule(schedule, cfg, mesh)
 
-    tokenizer = tokenizer_lib.load(models.teacher)
-    splits = {
-        name: data.load_split(task.dataset, split, task.data_dir, task.input_key, task.target_key)
-        for name, split in (
-            ("train", task.train_split),
-            ("eval", task.eval_split),
-            ("test", task.test_split),
-        )
-    }
+    with parallel.main_process_first("inputs ready"):  # they may be built into a shared cache
+        tokenizer = tokenizer_lib.load(models.teacher)
+        splits = {
+            name: data.load_split(
+                task.dataset, split, task.data_dir, task.input_key, task.target_key
+            )
+            for name, split in (
+                ("train", task.train_split),
+                ("eval", task.eval_split),
+                ("test", task.test_split),
+            )
+        }
+        teacher_config, teacher_params, student_config, student_params = load_models(models)
     template = task.template()
     warn_about_cut_prompts(splits, template, tokenizer, schedule.prompt_len)
     group = schedule.rl_group_size if cfg.rl_alpha < 1.0 else 1
@@ -325,16 +364,21 @@ def run(workdir: str | pathlib.Path, title: str) -> list[dict[str, Any]]:
     sft_spec = dataclasses.replace(train_spec, batch_size=schedule.batch_size)
     eval_spec = dataclasses.replace(train_spec, batch_size=schedule.eval_batch_size, shuffle=False)
 
-    teacher_config, teacher_params, student_config, student_params = load_models(models)
+    for model_config in (teacher_config, student_config):
+        sharding.check_model_fits_mesh(model_config, mesh)
+    teacher_params, teacher_sharding = place_model(teacher_params, teacher_config, mesh, "teacher")
+    student_params, student_sharding = place_model(student_params, student_config, mesh, "student")
     for stage, stage_config in (
         ("teacher_sft", teacher_config),
         ("student_sft", student_config),
         ("distill", student_config),
     ):
         train_checkpoint.check_directory(workdir / stage, stage_config)
-    config.save_operative_config(workdir)
+    parallel.barrier("workdir checked")  # nothing is written before every process checked
+    if reporting.is_main_process():
+        config.save_operative_config(workdir)
     with reporting.MetricsWriter(workdir / "logs") as writer:
-        tune = lambda name, params, model_config, steps, learning_rate: fine_tune(
+        tune = lambda name, params, model_config, steps, learning_rate, shardings: fine_tune(
             name,
             workdir,
             params,
@@ -346,6 +390,7 @@ def run(workdir: str | pathlib.Path, title: str) -> list[dict[str, Any]]:
             learning_rate,
             schedule,
             writer,
+            shardings,
         )
         teacher_params = tune(
             "teacher_sft",
@@ -353,6 +398,7 @@ def run(workdir: str | pathlib.Path, title: str) -> list[dict[str, Any]]:
             teacher_config,
             models.teacher_sft_steps,
             models.teacher_sft_learning_rate,
+            teacher_sharding,
         )
         student_params = tune(
             "student_sft",
@@ -360,6 +406,7 @@ def run(workdir: str | pathlib.Path, title: str) -> list[dict[str, Any]]:
             student_config,
             models.student_sft_steps,
             models.student_sft_learning_rate,
+            student_sharding,
         )
 
         evals = EvalCache(workdir / "evals.json")
@@ -367,7 +414,9 @@ def run(workdir: str | pathlib.Path, title: str) -> list[dict[str, Any]]:
         def score(key, params, model_config, split, max_examples, log_step=None):
             """Cached evaluation; logged as eval/<model>_<metric> when first computed."""
             fresh = key not in evals.results
-            generate = greedy_generate_fn(params, model_config, tokenizer, schedule.completion_len)
+            generate = greedy_generate_fn(
+                params, model_config, tokenizer, schedule.completion_len, mesh
+            )
             result = evals.get(
                 key,
                 lambda: evaluation.evaluate(
@@ -390,7 +439,11 @@ def run(workdir: str | pathlib.Path, title: str) -> list[dict[str, Any]]:
         score("student/eval/0", student_params, student_config, "eval", schedule.eval_examples, 0)
 
         optimizer = distill.make_optimizer(cfg, schedule.steps)
-        update = distill.make_update_step(student_config, teacher_config, cfg, optimizer)
+        state = parallel.create_train_state(
+            student_params, optimizer, schedule.seed, student_sharding
+        )
+        shardings = parallel.step_shardings(state, teacher_sharding, mesh)
+        update = distill.make_update_step(student_config, teacher_config, cfg, optimizer, shardings)
         sample_cfg = sampling.SamplingConfig(
             max_new_tokens=schedule.completion_len,
             temperature=rollout_sampling.temperature,
@@ -399,24 +452,29 @@ def run(workdir: str | pathlib.Path, title: str) -> list[dict[str, Any]]:
             eos_ids=tokenizer.eos_id,
             pad_id=tokenizer.pad_id,
         )
-        roll = rollout.make_rollout(student_config, teacher_config, mixture, sample_cfg)
+        roll = rollout.make_rollout(student_config, teacher_config, mixture, sample_cfg, shardings)
         reward = reward_fn(task)
 
         def distill_step(state, step):
-            batch = data.batch_at(splits["train"], tokenizer, train_spec, schedule.seed, step)
-            arrays = _repeat_rows(_batch_arrays(batch), group)
-            distill_batch, on_B = roll(state, teacher_params, *(jnp.asarray(a) for a in arrays))
+            batch, arrays = sharded_batch(
+                splits["train"], tokenizer, train_spec, schedule.seed, step, mesh, group
+            )
+            distill_batch, on_B = roll(state, teacher_params, *arrays)
             extra = {"on_policy_fraction": jnp.mean(on_B.astype(jnp.float32))}
-            if cfg.rl_alpha < 1.0:
-                tokens, mask = jax.device_get(
-                    (distill_batch.completion_BxN, distill_batch.completion_mask_BxN)
-                )
+            if cfg.rl_alpha < 1.0:  # each process scores its own rows
+                tokens = parallel.local_rows(distill_batch.completion_BxN)
+                mask = parallel.local_rows(distill_batch.completion_mask_BxN)
                 texts = decode_completions(tokenizer, tokens, mask.sum(axis=1).astype(int))
                 examples = [e for e in batch.examples for _ in range(group)]
-                rewards = np.array([reward(t, e) for t, e in zip(texts, examples, strict=True)])
+                rewards = np.array(
+                    [reward(t, e) for t, e in zip(texts, examples, strict=True)], np.float32
+                )
                 advantages = rollout.group_advantages(rewards, group)
-                distill_batch = distill_batch.replace(advantage_B=jnp.asarray(advantages))
-                extra["reward"] = float(rewards.mean())
+                rows = schedule.batch_size
+                distill_batch = distill_batch.replace(
+                    advantage_B=parallel.global_batch(advantages, mesh, rows)
+                )
+                extra["reward"] = jnp.mean(parallel.global_batch(rewards, mesh, rows))
             state, metrics = update(state, teacher_params, distill_batch)
             return state, {**metrics, **extra}
 
@@ -432,7 +490,6 @@ def run(workdir: str | pathlib.Path, title: str) -> list[dict[str, Any]]:
             schedule.checkpoint_every,
             student_config,
         )
-        state = distill.init_train_state(student_params, optimizer, schedule.seed)
         state = trainer.run(stage, state, distill_step, writer, after_step)
         final_test = score(
             f"student_distilled/test/{schedule.steps}",

@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import socket
+import time
 from collections.abc import Sequence
 from typing import Any
 
@@ -185,10 +187,14 @@ def initialize_distributed(
     """Starts JAX's multi-controller runtime when asked to; a no-op for one process.
 
     Explicit arguments (local multi-process, custom clusters) win; `auto_detect` lets
-    JAX find TPU pod slices and SLURM allocations itself.
+    JAX find TPU pod slices and SLURM allocations itself. A process other than 0 first
+    waits up to `timeout_s` for the coordinator's port to answer: JAX's own client
+    aborts the whole process on that timeout, with no word of which address it tried.
     """
     if coordinator_address is None and not auto_detect:
         return
+    if coordinator_address is not None and process_id not in (None, 0):
+        _wait_for_coordinator(coordinator_address, timeout_s, process_id, num_processes)
     try:
         jax.distributed.initialize(
             coordinator_address=coordinator_address,
@@ -203,3 +209,24 @@ def initialize_distributed(
             f"could not join the JAX distributed runtime at {where} within {timeout_s}s "
             f"(process {process_id} of {num_processes}): {first_line}"
         ) from None
+
+
+def _wait_for_coordinator(
+    address: str, timeout_s: float, process_id: int | None, num_processes: int | None
+) -> None:
+    """Returns once a TCP connection to `address` succeeds; raises after `timeout_s`."""
+    host, _, port = address.rpartition(":")
+    deadline = time.monotonic() + timeout_s
+    while True:
+        try:
+            with socket.create_connection((host.strip("[]"), int(port)), timeout=1.0):
+                return
+        except (OSError, ValueError) as err:
+            if time.monotonic() >= deadline:
+                raise DistributedInitError(
+                    f"could not join the JAX distributed runtime at {address} within "
+                    f"{timeout_s}s (process {process_id} of {num_processes}): the coordinator "
+                    f"did not answer ({err}); is process 0 running and is the address "
+                    "reachable from this host?"
+                ) from None
+            time.sleep(0.2)

@@ -2,13 +2,12 @@
 multi-host tests (a process's device count is fixed when JAX starts, so the tests launch
 this with forced CPU devices or under launch/local_multihost.sh).
 
-    python tests/mesh_worker.py equivalence OUT.json            # 8 devices: meshes vs one
+    python tests/mesh_worker.py equivalence OUT.json --meshes 2,2,2 8,1,1   # vs one device
     python tests/mesh_worker.py gkd OUT_DIR [--restore_from DIR] [multi-host flags]
 """
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import json
 import pathlib
@@ -36,7 +35,6 @@ TEACHER = model.ModelConfig(
 )
 STUDENT = dataclasses.replace(TEACHER, n_layers=2)
 BATCH, PROMPT, NEW = 8, 6, 5
-MESHES = ((8, 1, 1), (2, 4, 1), (2, 2, 2))
 CFG = distill.DistillConfig(divergence="jsd", learning_rate=1e-2, warmup_steps=0, vocab_chunk=2)
 SAMPLING = sampling.SamplingConfig(max_new_tokens=NEW, temperature=1.0)
 
@@ -92,18 +90,20 @@ def _max_diff(a, b) -> float:
     return max(jax.tree.leaves(diffs))
 
 
-def equivalence(out: pathlib.Path) -> None:
+def equivalence(out: pathlib.Path, meshes: list[tuple[int, ...]]) -> None:
     """Each mesh against one device: tokens, losses, params, and where params live."""
     ref_state, ref_tokens, ref_losses = gkd_steps(None, 2)
     ref_params = jax.device_get(ref_state.params)
     results = {}
-    for shape in MESHES:
+    for shape in meshes:
         mesh = sharding.make_mesh(shape)
         state, tokens, losses = gkd_steps(mesh, 2)
         q = state.params["layers"]["q"]
         mu = state.opt_state[1][0].mu["layers"]["q"]
         results[str(shape)] = {
-            "tokens_equal": all(np.array_equal(a, b) for a, b in zip(tokens, ref_tokens)),
+            "tokens_equal": all(
+                np.array_equal(a, b) for a, b in zip(tokens, ref_tokens, strict=True)
+            ),
             "loss_rel_diff": max(
                 abs(a - b) / abs(b) for a, b in zip(losses, ref_losses, strict=True)
             ),
@@ -149,6 +149,7 @@ def main() -> None:
     parser.add_argument("out")
     parser.add_argument("--restore_from", default=None)
     parser.add_argument("--steps", type=int, default=3)
+    parser.add_argument("--meshes", nargs="+", default=["8,1,1", "2,4,1", "2,2,2"])
     args = parser.parse_args()
     sharding.initialize_distributed(
         args.coordinator_address,
@@ -159,7 +160,7 @@ def main() -> None:
     )
     out = pathlib.Path(args.out)
     if args.mode == "equivalence":
-        equivalence(out)
+        equivalence(out, [tuple(int(n) for n in m.split(",")) for m in args.meshes])
     else:
         out.mkdir(parents=True, exist_ok=True)
         gkd(out, args.restore_from, args.steps)

@@ -357,3 +357,14 @@ def test_batch_at_step_is_a_function_of_seed_and_step(data_dir, tokenizer):
     assert data.batch_at(split, tokenizer, spec(), seed=7, step=steps_per_epoch).epoch == 1
     other_seed = data.example_indices(3, 4, len(split), seed=8)
     assert not np.array_equal(other_seed, resumed[0].indices_B)
+
+
+def test_batch_at_rows_are_those_rows_of_the_whole_batch(data_dir, tokenizer):
+    # A host of a multi-host run builds only its rows; they must be the whole batch's.
+    split = data.load_split("gsm_symbolic/chain_sum", "validation", data_dir)
+    whole = data.batch_at(split, tokenizer, spec(), seed=7, step=5)
+    part = data.batch_at(split, tokenizer, spec(), seed=7, step=5, rows=slice(2, 4))
+    assert np.array_equal(part.indices_B, whole.indices_B[2:4])
+    assert np.array_equal(part.prompt_BxP, whole.prompt_BxP[2:4])
+    assert np.array_equal(part.target_valid_BxN, whole.target_valid_BxN[2:4])
+    assert part.references == whole.references[2:4]

@@ -1,0 +1,132 @@
+"""Meshes and multi-host start-up: a sharded GKD step equals the one-device step, params
+are placed as the rules say, and bad meshes or coordinators fail with a clear message.
+
+The mesh runs need 8 devices, which a JAX process fixes when it starts, so they run
+`tests/mesh_worker.py` in a subprocess with 8 forced CPU devices.
+"""
+
+import json
+import os
+import pathlib
+import socket
+import subprocess
+import sys
+import time
+
+import gin
+import jax
+import pytest
+
+from opd_jax import config, model, sharding
+
+WORKER = pathlib.Path(__file__).with_name("mesh_worker.py")
+ROOT = WORKER.parents[1]
+# fp32 on CPU: a sharded reduction sums in another order than one device does.
+LOSS_RTOL, PARAMS_ATOL = 1e-5, 1e-4
+
+
+def _forced_devices_env(count: int) -> dict[str, str]:
+    flags = f"--xla_force_host_platform_device_count={count}"
+    return {**os.environ, "XLA_FLAGS": flags, "JAX_PLATFORMS": "cpu"}
+
+
+def _equivalence(tmp_path, meshes):
+    out = tmp_path / "equivalence.json"
+    subprocess.run(
+        [sys.executable, str(WORKER), "equivalence", str(out), "--meshes", *meshes],
+        env=_forced_devices_env(8),
+        check=True,
+        cwd=ROOT,
+    )
+    return json.loads(out.read_text())
+
+
+def _check_mesh(result, shape):
+    data, fsdp, tensor = shape
+    assert result["tokens_equal"], "sampled tokens differ from one device's"
+    assert result["loss_rel_diff"] <= LOSS_RTOL
+    assert result["params_max_diff"] <= PARAMS_ATOL
+    # q is [layers, embed, heads, head_dim]: embed over fsdp, heads over tensor (rules).
+    assert result["q_spec"] == [None, "fsdp", "tensor", None]
+    layers, embed, heads, head_dim = result["q_shape"]
+    assert result["q_shard_shape"] == [layers, embed // fsdp, heads // tensor, head_dim]
+    assert result["q_mu_spec_equal"], "Adam's moments are laid out like their params"
+    vocab, d_model = model.ModelConfig(64, 32, 1, 4, 2, 8, 48).vocab_size, 32
+    assert result["embed_shard_shape"] == [vocab // tensor, d_model // fsdp]
+    assert result["step_replicated"]
+
+
+def test_2x2x2_mesh_matches_one_device(tmp_path):
+    result = _equivalence(tmp_path, ["2,2,2"])
+    _check_mesh(result["(2, 2, 2)"], (2, 2, 2))
+
+
+@pytest.mark.slow
+def test_every_mesh_matches_one_device(tmp_path):
+    meshes = [(8, 1, 1), (2, 4, 1), (2, 2, 2)]
+    result = _equivalence(tmp_path, [",".join(map(str, m)) for m in meshes])
+    for shape in meshes:
+        _check_mesh(result[str(shape)], shape)
+
+
+@pytest.mark.parametrize(
+    "shape, devices, message",
+    [
+        ((3, 1, 1), 8, "uses 3 devices but 8 are available"),
+        ((-1, 3, 1), 8, "does not divide 8 devices"),
+        ((2, 2), 4, "must have 3 entries"),
+        ((0, -1, 1), 4, "sizes must be positive"),
+    ],
+)
+def test_mesh_shape_that_does_not_fit_the_devices_is_refused(shape, devices, message):
+    with pytest.raises(sharding.MeshError, match=message):
+        sharding.resolve_mesh_shape(shape, devices)
+
+
+def test_gin_mesh_larger_than_the_machine_is_refused():
+    gin.clear_config()
+    try:
+        config.apply_gin([], ["make_mesh.shape = (2, 2, 2)"])
+        with pytest.raises(sharding.MeshError, match=f"but {jax.device_count()} are available"):
+            sharding.make_mesh()
+    finally:
+        gin.clear_config()
+
+
+def test_tensor_axis_must_divide_the_heads():
+    mesh = jax.sharding.AbstractMesh((1, 1, 3), sharding.MESH_AXES)
+    heads_4 = model.ModelConfig(64, 32, 1, 4, 2, 8, 48)
+    with pytest.raises(sharding.MeshError, match="does not divide n_heads=4"):
+        sharding.check_model_fits_mesh(heads_4, mesh)
+    sharding.check_model_fits_mesh(
+        heads_4, jax.sharding.AbstractMesh((1, 3, 2), sharding.MESH_AXES)
+    )
+
+
+def _closed_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_unreachable_coordinator_fails_in_time_with_one_line():
+    flags = [
+        f"--coordinator_address=127.0.0.1:{_closed_port()}",
+        "--num_processes=2",
+        "--process_id=1",
+        "--distributed_timeout_s=5",
+    ]
+    began = time.monotonic()
+    run = subprocess.run(
+        [sys.executable, "-m", "experiments.gkd_summarize", *flags],
+        env=_forced_devices_env(1),
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        timeout=120,
+    )
+    assert run.returncode != 0
+    last = run.stderr.strip().splitlines()[-1]
+    assert last.startswith("error: could not join the JAX distributed runtime at 127.0.0.1:")
+    assert "within 5s (process 1 of 2)" in last
+    assert time.monotonic() - began < 90
