@@ -224,8 +224,8 @@ def memory(meshes: Sequence[tuple[int, int, int]], args: argparse.Namespace) -> 
 
     devices, where = _topology_devices(args.topology)
     config = model.ModelConfig(**LLAMA_1B, rope=model.RopeConfig(theta=500000.0))
-    shapes = jax.tree.leaves(model.param_shapes(config), is_leaf=model._is_leaf_spec)
-    param_count = sum(math.prod(spec[0]) for spec in shapes)
+    shapes = jax.eval_shape(lambda: model.init_params(config, jax.random.key(0)))
+    param_count = sum(math.prod(x.shape) for x in jax.tree.leaves(shapes))
     print(
         f"{where}: student and teacher of Llama 3.2 1B shapes ({param_count / 1e9:.2f}B params "
         f"each, float32), {args.batch} prompts of {args.prompt_len} tokens + "

@@ -47,11 +47,7 @@ class Layout:
 
 def param_shardings(config: ModelConfig, mesh: Mesh, rules: Sequence = sharding.DEFAULT_RULES):
     """NamedShardings of every param of `config`, from the shapes alone (nothing is built)."""
-    shapes = jax.tree.map(
-        lambda spec: jax.ShapeDtypeStruct(spec[0], np.float32),
-        model.param_shapes(config),
-        is_leaf=model._is_leaf_spec,
-    )
+    shapes = jax.eval_shape(lambda: model.init_params(config, jax.random.key(0)))
     return sharding.param_shardings(shapes, model.param_axes(config), mesh, rules)
 
 
@@ -59,11 +55,6 @@ def place_params(params: Params, shardings: Any) -> Params:
     """Params (host or device arrays that every process holds whole) moved to their
     shardings; each process transfers only its devices' shards."""
     return jax.tree.map(sharding.from_host, params, shardings)
-
-
-def reshard(tree: Any, shardings: Any) -> Any:
-    """Global arrays moved to other shardings on the same devices (a collective copy)."""
-    return jax.jit(lambda x: x, out_shardings=shardings)(tree)
 
 
 def state_shardings(

@@ -9,8 +9,10 @@ import pathlib
 import subprocess
 import sys
 
+import jax
 import numpy as np
 import pytest
+from test_experiment import TINY, _final_params
 
 pytestmark = pytest.mark.slow
 
@@ -56,3 +58,24 @@ def test_two_hosts_agree_with_each_other_and_with_one(tmp_path):
     )
     for params in restored_in_two:
         _assert_equal(params, one)
+
+
+def _experiment(workdir: pathlib.Path, processes: int) -> None:
+    command = [sys.executable, "-m", "experiments.gkd_summarize", f"--workdir={workdir}"]
+    command += [f"--gin_param={binding}" for binding in TINY]
+    if processes > 1:
+        command = ["bash", str(LAUNCH), str(processes), *command]
+    env = {**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": ""}
+    subprocess.run(command, env=env, check=True, cwd=ROOT, timeout=1800)
+
+
+def test_experiment_on_two_hosts_ends_where_one_process_does(tmp_path):
+    # The whole pipeline: per-host batches, sharded stages, collective checkpoints,
+    # evaluation on both hosts and results written by process 0.
+    _experiment(tmp_path / "one", 1)
+    _experiment(tmp_path / "two", 2)
+    one, two = (_final_params(tmp_path / name) for name in ("one", "two"))
+    for (path, a), b in zip(jax.tree.leaves_with_path(one), jax.tree.leaves(two), strict=True):
+        np.testing.assert_allclose(a, b, atol=PARAMS_ATOL, err_msg=jax.tree_util.keystr(path))
+    results = [json.loads((tmp_path / n / "results.json").read_text()) for n in ("one", "two")]
+    assert results[0] == results[1]
