@@ -18,6 +18,7 @@ import dataclasses
 import json
 import logging
 import pathlib
+import sys
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
@@ -535,4 +536,7 @@ def main(description: str, default_gin_file: pathlib.Path, default_workdir: str)
     """The entry point of an experiment module: its gin file first, then the user's."""
     logging.basicConfig(level=logging.WARNING)
     args = config.parse(description, default_gin_files=[str(default_gin_file)])
-    run(args.workdir or default_workdir, title=default_gin_file.stem)
+    try:
+        run(args.workdir or default_workdir, title=default_gin_file.stem)
+    except (config.ConfigError, sharding.MeshError) as err:  # settings, before any compile
+        sys.exit(f"error: {err}")

@@ -31,9 +31,9 @@ from opd_jax import (  # noqa: E402
 )
 
 TEACHER = model.ModelConfig(
-    vocab_size=64, d_model=32, n_layers=3, n_heads=4, n_kv_heads=2, head_dim=8, mlp_dim=48
+    vocab_size=64, d_model=32, n_layers=2, n_heads=4, n_kv_heads=2, head_dim=8, mlp_dim=48
 )
-STUDENT = dataclasses.replace(TEACHER, n_layers=2)
+STUDENT = dataclasses.replace(TEACHER, n_layers=1)
 BATCH, PROMPT, NEW = 8, 6, 5
 CFG = distill.DistillConfig(divergence="jsd", learning_rate=1e-2, warmup_steps=0, vocab_chunk=2)
 SAMPLING = sampling.SamplingConfig(max_new_tokens=NEW, temperature=1.0)
