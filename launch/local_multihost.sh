@@ -19,9 +19,10 @@ shift
 port=${COORDINATOR_PORT:-$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')}
 devices=${DEVICES_PER_PROCESS:-1}
 
+set -m  # each process in its own process group, so stopping it stops its children too
 declare -A running=()  # pid -> process id
 stop_all() {
-  for pid in "${!running[@]}"; do kill "$pid" 2>/dev/null || true; done
+  for pid in "${!running[@]}"; do kill -- "-$pid" 2>/dev/null || true; done
 }
 trap stop_all INT TERM
 
