@@ -48,7 +48,8 @@ class PrivilegedContext:
       transition instruction that hands over to the answer.
     placement: "user" appends it to the user turn after the question; "system" appends it
       to the system prompt, which the student then must carry explicitly (`Task.system`),
-      or the chat template's default system prompt would differ between the two.
+      or the chat template's default system prompt would differ between the two. A
+      system-placed block is one shared rule: it is not formatted with example fields.
     """
 
     text: str = (
@@ -62,6 +63,8 @@ class PrivilegedContext:
     def __post_init__(self):
         if self.placement not in PLACEMENTS:
             raise ValueError(f"placement {self.placement!r} is not one of {PLACEMENTS}")
+        if self.placement == "system" and "{" in self.text:
+            raise ValueError("a system-placed privileged block is shared: it cannot name fields")
 
 
 def teacher_template(student: data.PromptTemplate, ctx: PrivilegedContext) -> data.PromptTemplate:
