@@ -53,6 +53,7 @@ def test_tiny_run_writes_results_and_exports_the_merged_student(module, tmp_path
     assert (tmp_path / "student_hf" / "config.json").exists()
 
 
+@pytest.mark.slow
 def test_a_checkpoint_of_another_lora_shape_is_refused(tmp_path):
     _run(opsd_math.GIN_FILE, tmp_path, ["Schedule.steps = 1", "Schedule.test_examples = 1"])
     with pytest.raises(train_checkpoint.CheckpointMismatchError, match="fields differ: lora"):

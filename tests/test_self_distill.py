@@ -8,7 +8,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from opd_jax import data, distill, lora, model, self_distill
+from opd_jax import data, distill, lora, model, self_distill, train_checkpoint
 from opd_jax import tokenizer as tokenizer_lib
 from opd_jax.model import ModelConfig
 
@@ -129,6 +129,20 @@ def test_lora_student_keeps_the_base_untouched_and_no_ema_when_not_asked():
     assert states[-1].ema_params is None
     assert set(states[-1].params["layers"]) == set(LORA.targets)
     assert np.any(states[-1].params["layers"]["q"]["b"])
+
+
+def test_a_checkpoint_of_another_lora_shape_or_teacher_kind_is_refused(tmp_path):
+    _, _, states = _run("fixed", steps=1)
+    shape = self_distill.StudentShape(CONFIG, LORA, "fixed")
+    train_checkpoint.save(train_checkpoint.manager(tmp_path), 1, states[-1], shape)
+    train_checkpoint.check_directory(tmp_path, shape)
+    for other, field in (
+        (dataclasses.replace(shape, lora=lora.LoraConfig(rank=8)), "lora"),
+        (dataclasses.replace(shape, lora=dataclasses.replace(LORA, targets=("q",))), "lora"),
+        (dataclasses.replace(shape, teacher="ema"), "teacher"),
+    ):
+        with pytest.raises(train_checkpoint.CheckpointMismatchError, match=f"differ: {field}"):
+            train_checkpoint.check_directory(tmp_path, other)
 
 
 # ----------------------------------------------------------------------------- contexts
