@@ -68,6 +68,7 @@ class TrainState:
     params: Params
     opt_state: optax.OptState
     rng: jax.Array  # raw uint32 key data (checkpointable); see `step_key`
+    ema_params: Params | None = None  # a moving average of params (self-distillation's teacher)
 
 
 @flax.struct.dataclass
@@ -163,7 +164,7 @@ def _teacher_inputs(batch: DistillBatch) -> tuple[jax.Array, jax.Array]:
     return batch.teacher_prompt_BxQ, batch.teacher_prompt_valid_BxQ
 
 
-def _per_token_terms(
+def per_token_terms(
     student_params: Params,
     teacher_params: Params,
     batch: DistillBatch,
@@ -208,7 +209,7 @@ def _per_token_terms(
     )
 
 
-def _loss_sum(
+def loss_sum(
     terms: dict[str, jax.Array], batch: DistillBatch, cfg: DistillConfig
 ) -> dict[str, jax.Array]:
     """Sums over real tokens of each loss term (normalized later by the batch's count)."""
@@ -245,17 +246,11 @@ def _split_micro(batch: DistillBatch, k: int) -> DistillBatch:
 LossSums = Callable[[Params, Any, DistillBatch], dict[str, jax.Array]]
 
 
-def _make_step(
-    loss_sums: LossSums,
-    grad_accum: int,
-    optimizer: optax.GradientTransformation,
-    shardings: sharding.StepShardings | None,
-):
-    """The shared update: gradients of loss_sums / (real tokens in the whole batch),
-    accumulated over `grad_accum` micro-batches, then one optax update. A non-finite loss
-    or gradient keeps the old params and optimizer state (the host raises on `finite`).
-    With `shardings` the state keeps its layout from step to step and metrics come back
-    replicated."""
+def make_update(loss_sums: LossSums, grad_accum: int, optimizer: optax.GradientTransformation):
+    """The shared update, unjitted (a caller may wrap it): gradients of loss_sums / (real
+    tokens in the whole batch), accumulated over `grad_accum` micro-batches, then one optax
+    update. A non-finite loss or gradient keeps the old params and optimizer state (the host
+    raises on `finite`)."""
 
     def micro_grads(params, frozen, micro: DistillBatch, num_tokens):
         def scaled_loss(p):
@@ -292,6 +287,18 @@ def _make_step(
         )
         return new_state, metrics
 
+    return update
+
+
+def _make_step(
+    loss_sums: LossSums,
+    grad_accum: int,
+    optimizer: optax.GradientTransformation,
+    shardings: sharding.StepShardings | None,
+):
+    """`make_update` jitted with the state donated. With `shardings` the state keeps its
+    layout from step to step and metrics come back replicated."""
+    update = make_update(loss_sums, grad_accum, optimizer)
     if shardings is None:
         return jax.jit(update, donate_argnums=0)
     return jax.jit(
@@ -319,10 +326,10 @@ def make_update_step(
     logits = None if shardings is None else shardings.logits
 
     def loss_sums(params, teacher_params, micro):
-        terms = _per_token_terms(
+        terms = per_token_terms(
             params, teacher_params, micro, student_config, teacher_config, cfg, logits
         )
-        return _loss_sum(terms, micro, cfg)
+        return loss_sum(terms, micro, cfg)
 
     return _make_step(loss_sums, cfg.grad_accum, optimizer, shardings)
 

@@ -16,6 +16,7 @@ import numpy as np
 from rouge_score import rouge_scorer
 
 from opd_jax import data, datasets
+from opd_jax.datasets import gsm_symbolic
 
 ROUGE_TYPES = ("rouge1", "rouge2", "rougeL")
 
@@ -51,10 +52,15 @@ def rouge(predictions: Sequence[str], references: Sequence[str]) -> dict[str, fl
 def exact_match(
     predictions: Sequence[str], examples: Sequence[Mapping[str, Any]]
 ) -> dict[str, float]:
-    """Percentage of predictions whose `####` answer the task's own scorer accepts."""
+    """Percentage of predictions whose `####` answer the task's own scorer accepts, and
+    (`answered`) of predictions that give a `####` answer at all, right or wrong."""
     _check_lengths(predictions, examples)
     scores = [datasets.score_answer(p, e) for p, e in zip(predictions, examples, strict=True)]
-    return {"exact_match": 100.0 * float(np.mean(scores))}
+    answered = [gsm_symbolic.extract_answer(p) is not None for p in predictions]
+    return {
+        "exact_match": 100.0 * float(np.mean(scores)),
+        "answered": 100.0 * float(np.mean(answered)),
+    }
 
 
 def summarization_metric(

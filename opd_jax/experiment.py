@@ -532,11 +532,17 @@ def _row(name: str, model_config: ModelConfig, result: Mapping[str, Any]) -> dic
     }
 
 
-def main(description: str, default_gin_file: pathlib.Path, default_workdir: str) -> None:
-    """The entry point of an experiment module: its gin file first, then the user's."""
+def main(
+    description: str,
+    default_gin_file: pathlib.Path,
+    default_workdir: str,
+    run_fn: Callable[[str | pathlib.Path, str], Any] = run,
+) -> None:
+    """The entry point of an experiment module: its gin file first, then the user's;
+    `run_fn` is the experiment (GKD's `run` unless given)."""
     logging.basicConfig(level=logging.WARNING)
     args = config.parse(description, default_gin_files=[str(default_gin_file)])
     try:
-        run(args.workdir or default_workdir, title=default_gin_file.stem)
+        run_fn(args.workdir or default_workdir, title=default_gin_file.stem)
     except (config.ConfigError, sharding.MeshError) as err:  # settings, before any compile
         sys.exit(f"error: {err}")

@@ -19,7 +19,9 @@ from typing import Any
 import jax
 import orbax.checkpoint as ocp
 
-from opd_jax.model import ModelConfig
+# A ModelConfig, or any dataclass holding one with what else shapes the saved params
+# (a LoRA student's rank and targets): its fields are the fingerprint.
+Architecture = Any
 
 _STATE = "state"
 _FINGERPRINT = "model"
@@ -29,7 +31,7 @@ class CheckpointMismatchError(ValueError):
     """The workdir holds checkpoints of a different model; nothing is overwritten."""
 
 
-def fingerprint(config: ModelConfig) -> dict[str, Any]:
+def fingerprint(config: Architecture) -> dict[str, Any]:
     """A JSON-able description of the architecture (what must match to resume)."""
     return json.loads(json.dumps(dataclasses.asdict(config)))
 
@@ -45,7 +47,7 @@ def manager(directory: str | pathlib.Path, max_to_keep: int = 3) -> ocp.Checkpoi
     )
 
 
-def save(mngr: ocp.CheckpointManager, step: int, state: Any, config: ModelConfig) -> None:
+def save(mngr: ocp.CheckpointManager, step: int, state: Any, config: Architecture) -> None:
     mngr.save(
         step,
         args=ocp.args.Composite(
@@ -59,7 +61,7 @@ def save(mngr: ocp.CheckpointManager, step: int, state: Any, config: ModelConfig
     mngr.wait_until_finished()
 
 
-def _check_fingerprint(mngr: ocp.CheckpointManager, step: int, config: ModelConfig) -> None:
+def _check_fingerprint(mngr: ocp.CheckpointManager, step: int, config: Architecture) -> None:
     saved = mngr.restore(step, args=ocp.args.Composite(**{_FINGERPRINT: ocp.args.JsonRestore()}))
     saved = saved[_FINGERPRINT]
     expected = fingerprint(config)
@@ -71,7 +73,7 @@ def _check_fingerprint(mngr: ocp.CheckpointManager, step: int, config: ModelConf
         )
 
 
-def check_directory(directory: str | pathlib.Path, config: ModelConfig) -> None:
+def check_directory(directory: str | pathlib.Path, config: Architecture) -> None:
     """Raises CheckpointMismatchError if `directory` holds another model's checkpoints;
     an experiment calls it for every stage before it writes anything to the workdir."""
     if pathlib.Path(directory).exists():
@@ -81,7 +83,7 @@ def check_directory(directory: str | pathlib.Path, config: ModelConfig) -> None:
 
 
 def restore_latest(
-    mngr: ocp.CheckpointManager, abstract_state: Any, config: ModelConfig
+    mngr: ocp.CheckpointManager, abstract_state: Any, config: Architecture
 ) -> Any | None:
     """The newest readable state, or None for a fresh workdir.
 

@@ -22,7 +22,6 @@ from typing import Any
 import jax
 
 from opd_jax import distill, reporting, train_checkpoint
-from opd_jax.model import ModelConfig
 
 StepFn = Callable[[distill.TrainState, int], tuple[distill.TrainState, dict[str, Any]]]
 # after_step(step, state) runs after each step's metrics are written (e.g. evaluation).
@@ -61,7 +60,7 @@ class Stage:
     directory: pathlib.Path
     num_steps: int
     checkpoint_every: int
-    model_config: ModelConfig
+    model_config: train_checkpoint.Architecture
 
 
 def restore(stage: Stage, state: distill.TrainState) -> distill.TrainState:

@@ -115,11 +115,12 @@ def test_exact_match_scores_final_answers_with_the_task_scorer(chain_sum):
     examples = [chain_sum[i] for i in range(4)]
     wrong = [f"{e['target']}\n#### {int(e['answer']) + 1}" for e in examples]  # last #### wins
     assert evaluation.exact_match([e["target"] for e in examples], examples) == {
-        "exact_match": 100.0
+        "exact_match": 100.0,
+        "answered": 100.0,
     }
-    assert evaluation.exact_match(wrong, examples) == {"exact_match": 0.0}
-    one_right = [examples[0]["target"], *wrong[1:]]
-    assert evaluation.exact_match(one_right, examples) == {"exact_match": 25.0}
+    assert evaluation.exact_match(wrong, examples) == {"exact_match": 0.0, "answered": 100.0}
+    one_right = [examples[0]["target"], "The answer is 5.", *wrong[2:]]
+    assert evaluation.exact_match(one_right, examples) == {"exact_match": 25.0, "answered": 75.0}
 
 
 def test_metrics_are_named_by_task_kind():
@@ -145,7 +146,7 @@ def test_evaluate_scores_reference_answers_perfectly_with_one_batch_shape(chain_
     examples = [chain_sum[i] for i in range(10)]
     sampler = ReferenceSampler(tokenizer, examples)
     result = evaluation.evaluate(sampler, chain_sum, tokenizer, math_spec(4), "math", 10)
-    assert result.metrics == {"exact_match": 100.0}
+    assert result.metrics == {"exact_match": 100.0, "answered": 100.0}
     assert result.num_examples == 10
     assert sampler.shapes == [((4, 160), (4, 160))] * 3, "the last batch is padded to full size"
 
@@ -177,7 +178,7 @@ def test_evaluate_returns_samples_of_the_first_examples(chain_sum, tokenizer):
     assert result.samples == tuple(
         evaluation.Sample(e["input"], f"guess for {e['index']}", e["target"]) for e in examples[:2]
     )
-    assert result.metrics == {"exact_match": 0.0}
+    assert result.metrics == {"exact_match": 0.0, "answered": 0.0}
 
 
 def test_evaluate_summarization_gives_rouge(tokenizer):
