@@ -36,7 +36,9 @@ def fingerprint(config: Architecture) -> dict[str, Any]:
     return json.loads(json.dumps(dataclasses.asdict(config)))
 
 
-def manager(directory: str | pathlib.Path, max_to_keep: int = 3) -> ocp.CheckpointManager:
+def manager(directory: str | pathlib.Path, max_to_keep: int = 2) -> ocp.CheckpointManager:
+    """Keeps the newest two steps: a 135M model's state with AdamW moments is 1.6 GB, and
+    Orbax commits a step atomically, so one complete step before the newest is enough."""
     options = ocp.CheckpointManagerOptions(
         max_to_keep=max_to_keep, create=True, enable_async_checkpointing=False
     )
