@@ -132,6 +132,19 @@ class RolloutSampling:
     top_k: int = 0
     top_p: float = 1.0
 
+    def config(
+        self, max_new_tokens: int, tokenizer: tokenizer_lib.Tokenizer
+    ) -> sampling.SamplingConfig:
+        """The sampler's settings for rollouts of `max_new_tokens`."""
+        return sampling.SamplingConfig(
+            max_new_tokens=max_new_tokens,
+            temperature=self.temperature,
+            top_k=self.top_k,
+            top_p=self.top_p,
+            eos_ids=tokenizer.eos_id,
+            pad_id=tokenizer.pad_id,
+        )
+
 
 # ----------------------------------------------------------------------------- models
 
@@ -445,14 +458,7 @@ def run(workdir: str | pathlib.Path, title: str) -> list[dict[str, Any]]:
         )
         shardings = parallel.step_shardings(state, teacher_sharding, mesh)
         update = distill.make_update_step(student_config, teacher_config, cfg, optimizer, shardings)
-        sample_cfg = sampling.SamplingConfig(
-            max_new_tokens=schedule.completion_len,
-            temperature=rollout_sampling.temperature,
-            top_k=rollout_sampling.top_k,
-            top_p=rollout_sampling.top_p,
-            eos_ids=tokenizer.eos_id,
-            pad_id=tokenizer.pad_id,
-        )
+        sample_cfg = rollout_sampling.config(schedule.completion_len, tokenizer)
         roll = rollout.make_rollout(student_config, teacher_config, mixture, sample_cfg, shardings)
         reward = reward_fn(task)
 

@@ -29,7 +29,6 @@ from opd_jax import (
     experiment,
     lora,
     reporting,
-    sampling,
     self_distill,
     train_checkpoint,
     trainer,
@@ -163,14 +162,7 @@ def run(workdir: str | pathlib.Path, title: str) -> list[dict[str, Any]]:
 
         optimizer = distill.make_optimizer(cfg, schedule.steps)
         update = self_distill.make_update_step(model_config, cfg, sd, lora_cfg, optimizer)
-        sample_cfg = sampling.SamplingConfig(
-            max_new_tokens=schedule.completion_len,
-            temperature=rollout_sampling.temperature,
-            top_k=rollout_sampling.top_k,
-            top_p=rollout_sampling.top_p,
-            eos_ids=tokenizer.eos_id,
-            pad_id=tokenizer.pad_id,
-        )
+        sample_cfg = rollout_sampling.config(schedule.completion_len, tokenizer)
         roll = self_distill.make_rollout(model_config, lora_cfg, sample_cfg)
 
         def step_fn(state, step):

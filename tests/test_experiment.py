@@ -44,8 +44,14 @@ def _run(gin_file, workdir, extra=()):
 
 
 def _final_params(workdir, step=4):
-    mngr = train_checkpoint.manager(workdir / "distill")
-    restored = mngr.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore()))
+    """The distill stage's params at `step`, on this process's first device whatever the
+    mesh or process count that wrote them."""
+    directory = workdir / "distill"
+    saved = ocp.StandardCheckpointer().metadata(directory / str(step) / "state").item_metadata
+    device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+    target = jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=device), saved)
+    mngr = train_checkpoint.manager(directory)
+    restored = mngr.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(target)))
     return restored["state"]["params"]
 
 
