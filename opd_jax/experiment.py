@@ -519,15 +519,28 @@ def run(workdir: str | pathlib.Path, title: str) -> list[dict[str, Any]]:
             ("student after", final_test),
         )
     }
-    if reporting.is_main_process():
-        reporting.write_results(workdir, rows, samples)
-        records = reporting.read_metrics(workdir / "logs" / reporting.METRICS_FILE)
-        keys = [f"eval/student_{task.primary_metric}", "distill/divergence"]
-        reporting.plot_curves(records, keys, workdir / "curves.png", title=title)
-        print(f"\n{title}: test set, {final_test['num_examples']} examples\n")
-        print(reporting.results_table(rows))
-        print(f"\nresults, samples and curves in {workdir}")
+    keys = [f"eval/student_{task.primary_metric}", "distill/divergence"]
+    report(workdir, title, rows, samples, keys, final_test["num_examples"])
     return rows
+
+
+def report(
+    workdir: pathlib.Path,
+    title: str,
+    rows: list[dict[str, Any]],
+    samples: Mapping[str, Any],
+    curve_keys: Sequence[str],
+    num_examples: int,
+) -> None:
+    """Results table (markdown + JSON), curves and the printed table, from process 0."""
+    if not reporting.is_main_process():
+        return
+    reporting.write_results(workdir, rows, samples)
+    records = reporting.read_metrics(workdir / "logs" / reporting.METRICS_FILE)
+    reporting.plot_curves(records, curve_keys, workdir / "curves.png", title=title)
+    print(f"\n{title}: test set, {num_examples} examples\n")
+    print(reporting.results_table(rows))
+    print(f"\nresults, samples and curves in {workdir}")
 
 
 def _row(name: str, model_config: ModelConfig, result: Mapping[str, Any]) -> dict[str, Any]:

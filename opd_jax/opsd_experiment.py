@@ -205,18 +205,12 @@ def run(workdir: str | pathlib.Path, title: str) -> list[dict[str, Any]]:
         _row("student before", start_test),
         _row("student after", final_test),
     ]
-    if reporting.is_main_process():
-        samples = {
-            row["model"]: r["samples"]
-            for row, r in zip(rows, (teacher_test, start_test, final_test), strict=True)
-        }
-        reporting.write_results(workdir, rows, samples)
-        records = reporting.read_metrics(workdir / "logs" / reporting.METRICS_FILE)
-        keys = [f"eval/student_{task.primary_metric}", "opsd/divergence"]
-        reporting.plot_curves(records, keys, workdir / "curves.png", title=title)
-        print(f"\n{title}: test set, {final_test['num_examples']} examples\n")
-        print(reporting.results_table(rows))
-        print(f"\nresults, samples and curves in {workdir}")
+    samples = {
+        row["model"]: r["samples"]
+        for row, r in zip(rows, (teacher_test, start_test, final_test), strict=True)
+    }
+    keys = [f"eval/student_{task.primary_metric}", "opsd/divergence"]
+    experiment.report(workdir, title, rows, samples, keys, final_test["num_examples"])
     return rows
 
 
