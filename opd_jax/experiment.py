@@ -262,7 +262,7 @@ def fine_tune(
     state = parallel.create_train_state(params, optimizer, schedule.seed, params_sharding)
     mesh = jax.tree.leaves(params_sharding)[0].mesh
     shardings = parallel.step_shardings(state, None, mesh)
-    update = distill.make_sft_step(model_config, 1, optimizer, shardings)
+    update = distill.make_sft_step(model_config, 1, optimizer, shardings, cfg.remat)
 
     def step_fn(state, step):
         _, arrays = sharded_batch(split, tokenizer, spec, schedule.seed, step, mesh)

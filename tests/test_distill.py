@@ -134,6 +134,34 @@ def test_gradient_accumulation_equals_one_big_batch():
     )
 
 
+def test_remat_changes_memory_not_the_update():
+    """Recomputing activations in the backward pass gives the same gradients (SGD at
+    learning rate 1: the update is minus the gradient), for GKD and for fine-tuning."""
+    batch = _batch(4, seed=5)
+    sgd = optax.sgd(1.0)
+    params = model.init_params(STUDENT, jax.random.key(0))
+    _, teacher, _ = _setup(distill.DistillConfig())
+    steps = (  # (make(remat) -> update, its frozen argument)
+        (
+            lambda remat: distill.make_update_step(
+                STUDENT, TEACHER, distill.DistillConfig(remat=remat, max_grad_norm=1e9), sgd
+            ),
+            teacher,
+        ),
+        (lambda remat: distill.make_sft_step(STUDENT, 1, sgd, remat=remat), None),
+    )
+    for make, frozen in steps:
+        kept, _ = make(False)(distill.init_train_state(params, sgd, 0), frozen, batch)
+        recomputed, _ = make(True)(distill.init_train_state(params, sgd, 0), frozen, batch)
+        moved = jax.tree.map(lambda a, b: float(jnp.max(jnp.abs(a - b))), kept.params, params)
+        assert max(jax.tree.leaves(moved)) > 1e-3  # the step did something to compare
+        jax.tree.map(
+            lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7),
+            kept.params,
+            recomputed.params,
+        )
+
+
 def test_loss_is_the_mean_over_real_tokens_only():
     cfg = distill.DistillConfig(divergence="forward_kl")
     state, teacher, update = _setup(cfg)
