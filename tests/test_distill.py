@@ -134,7 +134,7 @@ def test_gradient_accumulation_equals_one_big_batch():
     )
 
 
-def test_remat_changes_memory_not_the_update():
+def test_remat_does_not_change_the_update():
     """Recomputing activations in the backward pass gives the same gradients (SGD at
     learning rate 1: the update is minus the gradient), for GKD and for fine-tuning."""
     batch = _batch(4, seed=5)
