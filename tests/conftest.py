@@ -1,4 +1,5 @@
-"""Shared fixtures: the real packaged checkpoints and their transformers references.
+"""Shared fixtures: the real packaged checkpoints and their transformers references, and
+a clean gin config around every test.
 
 Loading a real model costs seconds, so each is loaded once per test session and
 shared by every test file that needs it.
@@ -7,9 +8,18 @@ shared by every test file that needs it.
 import functools
 import pathlib
 
+import gin
 import pytest
 
 from opd_jax import assets, checkpoints
+
+
+@pytest.fixture(autouse=True)
+def clean_gin():
+    """No gin binding leaks from one test into the next."""
+    gin.clear_config()
+    yield
+    gin.clear_config()
 
 
 @functools.cache

@@ -11,13 +11,6 @@ def _toy_configurable(rate: float = 0.1, name: str = "a") -> tuple[float, str]:
     return rate, name
 
 
-@pytest.fixture(autouse=True)
-def _clear_gin():
-    gin.clear_config()
-    yield
-    gin.clear_config()
-
-
 def test_bindings_apply_in_order(tmp_path):
     gin_file = tmp_path / "base.gin"
     gin_file.write_text("_toy_configurable.rate = 0.5\n_toy_configurable.name = 'file'\n")

@@ -31,13 +31,6 @@ TINY = [
 ]
 
 
-@pytest.fixture(autouse=True)
-def clean_gin():
-    gin.clear_config()
-    yield
-    gin.clear_config()
-
-
 def _run(gin_file, workdir, extra=()):
     config.apply_gin([str(gin_file)], [*TINY, *extra])
     return experiment.run(workdir, title="test")
