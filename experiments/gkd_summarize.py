@@ -6,9 +6,9 @@ layer-pruned copy of itself. Defaults: experiments/configs/gkd_summarize.gin.
 
 import pathlib
 
-from opd_jax import experiment
+from opd_jax import recipe
 
 GIN_FILE = pathlib.Path(__file__).parent / "configs" / "gkd_summarize.gin"
 
 if __name__ == "__main__":
-    experiment.main(__doc__, GIN_FILE, default_workdir="workdirs/gkd_summarize")
+    recipe.main(__doc__, GIN_FILE, default_workdir="workdirs/gkd_summarize")

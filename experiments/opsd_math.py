@@ -8,11 +8,9 @@ experiments/configs/opsd_gsm_symbolic.gin. Defaults: experiments/configs/opsd_ma
 
 import pathlib
 
-from opd_jax import experiment, opsd_experiment
+from opd_jax import recipe
 
 GIN_FILE = pathlib.Path(__file__).parent / "configs" / "opsd_math.gin"
 
 if __name__ == "__main__":
-    experiment.main(
-        __doc__, GIN_FILE, default_workdir="workdirs/opsd_math", run_fn=opsd_experiment.run
-    )
+    recipe.main(__doc__, GIN_FILE, default_workdir="workdirs/opsd_math")

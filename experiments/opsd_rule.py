@@ -7,15 +7,10 @@ it. Defaults: experiments/configs/opsd_rule.gin.
 
 import pathlib
 
-from opd_jax import experiment, opsd_experiment
+from opd_jax import recipe
 
 CONFIGS = pathlib.Path(__file__).parent / "configs"
 GIN_FILE = CONFIGS / "opsd_rule.gin"
 
 if __name__ == "__main__":
-    experiment.main(
-        __doc__,
-        GIN_FILE,
-        default_workdir="workdirs/opsd_rule",
-        run_fn=opsd_experiment.run,
-    )
+    recipe.main(__doc__, GIN_FILE, default_workdir="workdirs/opsd_rule")

@@ -14,7 +14,7 @@ from collections.abc import Sequence
 
 import gin
 
-from opd_jax import sharding
+from opd_jax import mesh
 
 
 class ConfigError(ValueError):
@@ -79,14 +79,14 @@ def parse(
     args = flag_parser(description).parse_args(argv)
     try:
         apply_gin([*default_gin_files, *args.gin_file], args.gin_param)
-        sharding.initialize_distributed(
+        mesh.initialize_distributed(
             args.coordinator_address,
             args.num_processes,
             args.process_id,
             auto_detect=args.distributed,
             timeout_s=args.distributed_timeout_s,
         )
-    except (ConfigError, sharding.DistributedInitError) as err:
+    except (ConfigError, mesh.DistributedInitError) as err:
         sys.exit(f"error: {err}")
     return args
 

@@ -20,7 +20,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from opd_jax import losses, model, sharding
+from opd_jax import losses, mesh, model
 from opd_jax.model import ModelConfig, Params
 
 
@@ -299,7 +299,7 @@ def _make_step(
     loss_sums: LossSums,
     grad_accum: int,
     optimizer: optax.GradientTransformation,
-    shardings: sharding.StepShardings | None,
+    shardings: mesh.StepShardings | None,
 ):
     """`make_update` jitted with the state donated. With `shardings` the state keeps its
     layout from step to step and metrics come back replicated."""
@@ -310,7 +310,7 @@ def _make_step(
         update,
         donate_argnums=0,
         in_shardings=(shardings.state, shardings.frozen, shardings.batch),
-        out_shardings=(shardings.state, sharding.replicated(shardings.mesh)),
+        out_shardings=(shardings.state, mesh.replicated(shardings.mesh)),
     )
 
 
@@ -319,7 +319,7 @@ def make_update_step(
     teacher_config: ModelConfig,
     cfg: DistillConfig,
     optimizer: optax.GradientTransformation,
-    shardings: sharding.StepShardings | None = None,
+    shardings: mesh.StepShardings | None = None,
 ):
     """update(state, teacher_params, batch) -> (state, metrics), jitted, state donated.
 
@@ -343,7 +343,7 @@ def make_sft_step(
     config: ModelConfig,
     grad_accum: int,
     optimizer: optax.GradientTransformation,
-    shardings: sharding.StepShardings | None = None,
+    shardings: mesh.StepShardings | None = None,
     remat: bool = True,
 ):
     """update(state, None, batch) -> (state, metrics): cross-entropy on the completions.
@@ -365,7 +365,7 @@ def make_sft_step(
             micro.completion_mask_BxN,
             remat=remat,
         )
-        logits = sharding.constrain(model.logits_from_hidden(params, hidden, config), pinned)
+        logits = mesh.constrain(model.logits_from_hidden(params, hidden, config), pinned)
         nll = -losses.token_logprobs(logits, micro.completion_BxN) * mask
         return {"loss": jnp.sum(nll)}
 

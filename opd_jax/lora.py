@@ -77,3 +77,9 @@ def merge(base: Params, adapters: Params, cfg: LoraConfig) -> Params:
     for target, adapter in adapters["layers"].items():
         layers[target] = layers[target] + delta(layers[target], adapter, target, cfg.scale)
     return {**base, "layers": layers}
+
+
+def student_weights(trainable: Params, base: Params, cfg: LoraConfig | None) -> Params:
+    """The full params a student runs: base + adapters under LoRA, else the trainable
+    params themselves (then `base` is unused)."""
+    return trainable if cfg is None else merge(base, trainable, cfg)

@@ -26,7 +26,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
-from opd_jax import sharding
+from opd_jax import mesh
 
 FULL_VOCAB_KINDS = ("forward_kl", "reverse_kl", "jsd")
 TOPK_FORMS = ("stopgrad", "renormalized", "unnormalized")
@@ -246,7 +246,7 @@ def _map_chunks(
     teacher_head_DxV = jax.lax.stop_gradient(teacher_head_DxV)
 
     def chunk_fn(teacher_head, student_head, teacher_hidden, student_hidden, tokens):
-        pin = lambda logits: sharding.constrain(logits, logits_sharding)
+        pin = lambda logits: mesh.constrain(logits, logits_sharding)
         return fn(
             pin(_logits(teacher_hidden, teacher_head)),
             pin(_logits(student_hidden, student_head)),

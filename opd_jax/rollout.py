@@ -15,13 +15,7 @@ from __future__ import annotations
 import dataclasses
 
 import gin
-import jax
-import jax.numpy as jnp
 import numpy as np
-
-from opd_jax import sampling, sharding
-from opd_jax.distill import DistillBatch, TrainState, step_key
-from opd_jax.model import ModelConfig, Params
 
 FIXED_SOURCES = ("dataset", "teacher")
 
@@ -45,84 +39,6 @@ class MixtureConfig:
             raise ValueError(
                 f"fixed_source must be one of {FIXED_SOURCES}, got {self.fixed_source!r}"
             )
-
-
-def _sampled(params, config, prompt_BxP, prompt_valid_BxP, key, sampling_cfg, mesh):
-    samples = sampling.sample(params, prompt_BxP, prompt_valid_BxP, key, config, sampling_cfg, mesh)
-    return samples.tokens_BxN, samples.mask_BxN
-
-
-def make_rollout(
-    student_config: ModelConfig,
-    teacher_config: ModelConfig,
-    mixture: MixtureConfig,
-    sampling_cfg: sampling.SamplingConfig,
-    shardings: sharding.StepShardings | None = None,
-):
-    """rollout(state, teacher_params, prompt, prompt_valid, target, target_valid) ->
-    (DistillBatch, on_policy_B), jitted.
-
-    Completions have the target width N, which must equal sampling_cfg.max_new_tokens.
-    With `shardings`, inputs and outputs are placed as the update step expects them.
-    """
-    lam = mixture.on_policy_fraction
-    mesh = None if shardings is None else shardings.mesh
-
-    def rollout(
-        state: TrainState,
-        teacher_params: Params,
-        prompt_BxP: jax.Array,
-        prompt_valid_BxP: jax.Array,
-        target_BxN: jax.Array,
-        target_valid_BxN: jax.Array,
-    ) -> tuple[DistillBatch, jax.Array]:
-        B, N = target_BxN.shape
-        if sampling_cfg.max_new_tokens != N:
-            raise ValueError(
-                f"target width {N} != max_new_tokens {sampling_cfg.max_new_tokens}: on- and "
-                "off-policy completions must have one shape"
-            )
-        choice_key, student_key, teacher_key = jax.random.split(step_key(state), 3)
-        prompts = (prompt_BxP, prompt_valid_BxP)
-
-        def on_policy():
-            return _sampled(state.params, student_config, *prompts, student_key, sampling_cfg, mesh)
-
-        def fixed():
-            if mixture.fixed_source == "teacher":
-                return _sampled(
-                    teacher_params, teacher_config, *prompts, teacher_key, sampling_cfg, mesh
-                )
-            return target_BxN, target_valid_BxN.astype(jnp.float32)
-
-        if lam in (0.0, 1.0):  # static: compile only the branch that can run
-            on_B = jnp.full((B,), lam == 1.0)
-            tokens_BxN, mask_BxN = on_policy() if lam == 1.0 else fixed()
-        elif mixture.per_example:
-            on_B = jax.random.uniform(choice_key, (B,)) < lam
-            (s_tokens, s_mask), (f_tokens, f_mask) = on_policy(), fixed()
-            tokens_BxN = jnp.where(on_B[:, None], s_tokens, f_tokens)
-            mask_BxN = jnp.where(on_B[:, None], s_mask, f_mask)
-        else:
-            on = jax.random.uniform(choice_key) < lam
-            on_B = jnp.full((B,), on)
-            tokens_BxN, mask_BxN = jax.lax.cond(on, on_policy, fixed)
-        batch = DistillBatch(
-            prompt_BxP=prompt_BxP,
-            prompt_valid_BxP=prompt_valid_BxP,
-            completion_BxN=tokens_BxN,
-            completion_mask_BxN=mask_BxN,
-        )
-        return batch, on_B
-
-    if shardings is None:
-        return jax.jit(rollout)
-    rows = shardings.batch
-    return jax.jit(
-        rollout,
-        in_shardings=(shardings.state, shardings.frozen, rows, rows, rows, rows),
-        out_shardings=(rows, rows),
-    )
 
 
 def group_advantages(rewards_B: np.ndarray, group_size: int, eps: float = 1e-6) -> np.ndarray:

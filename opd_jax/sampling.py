@@ -22,9 +22,8 @@ import flax.struct
 import jax
 import jax.numpy as jnp
 import numpy as np
-from jax.sharding import Mesh
 
-from opd_jax import model, sharding
+from opd_jax import mesh, model
 from opd_jax.model import ModelConfig, Params
 
 
@@ -124,17 +123,16 @@ class _DecodeState(NamedTuple):
     samples: Samples
 
 
-def _pin_layout(state: _DecodeState, mesh: Mesh | None) -> _DecodeState:
+def _pin_layout(state: _DecodeState, placement: mesh.Placement | None) -> _DecodeState:
     """Keeps the loop state's layout fixed on a mesh: caches by the logical-axis rules
     (rows over the data axes, kv heads over tensor where they divide), every other
     per-row buffer split by rows, so the while loop never reshards its carry."""
-    if mesh is None:
+    if placement is None:
         return state
-    cache_sharding = sharding.logical_to_sharding(CACHE_AXES, mesh)
-    rows = sharding.batch_sharding(mesh)
-    pin = lambda x, s: sharding.constrain(x, sharding.fitted_sharding(x.shape, s))
-    caches = jax.tree.map(lambda x: pin(x, cache_sharding), state.caches)
-    per_row = jax.tree.map(lambda x: pin(x, rows) if x.ndim else x, state._replace(caches=()))
+    rows = placement.rows
+    pin_rows = lambda x: mesh.constrain(x, mesh.fitted_sharding(x.shape, rows)) if x.ndim else x
+    caches = jax.tree.map(lambda x: placement.pin(x, CACHE_AXES), state.caches)
+    per_row = jax.tree.map(pin_rows, state._replace(caches=()))
     return per_row._replace(caches=caches)
 
 
@@ -317,13 +315,13 @@ def sample(
     key: jax.Array,
     model_config: ModelConfig,
     config: SamplingConfig,
-    mesh: Mesh | None = None,
+    placement: mesh.Placement | None = None,
 ) -> Samples:
     """Completions of a left-padded prompt batch; pure and traceable (jit it, or call it
     from jitted code). Row i draws from fold_in(fold_in(key, i), step), so a row's sample
     does not depend on the rest of its batch. Prompt values are not checked here (they may
-    be tracers): use `generate`, or `check_prompts` on host. On a `mesh` the KV cache and
-    loop state are laid out by the logical-axis rules."""
+    be tracers): use `generate`, or `check_prompts` on host. With a `placement` the KV
+    cache and loop state are laid out by its mesh and logical-axis rules."""
     B, P = prompt_BxP.shape
     config.check(model_config.vocab_size, P)
     N = config.max_new_tokens
@@ -347,7 +345,7 @@ def sample(
         done_B=jnp.zeros((B,), bool),
         samples=empty,
     )
-    state = _pin_layout(_emit(start, logits_BxV, row_keys_B, config), mesh)
+    state = _pin_layout(_emit(start, logits_BxV, row_keys_B, config), placement)
 
     def keep_going(state: _DecodeState) -> jax.Array:
         return (state.step < N) & ~jnp.all(state.done_B)
@@ -359,12 +357,12 @@ def sample(
             params, layers, last_B, state, P + state.step - 1, model_config
         )
         state = state._replace(caches=caches, valid_BxS=valid_BxS)
-        return _pin_layout(_emit(state, logits_BxV, row_keys_B, config), mesh)
+        return _pin_layout(_emit(state, logits_BxV, row_keys_B, config), placement)
 
     return jax.lax.while_loop(keep_going, decode_one, state).samples
 
 
-sample_jit = jax.jit(sample, static_argnames=("model_config", "config", "mesh"))
+sample_jit = jax.jit(sample, static_argnames=("model_config", "config", "placement"))
 
 
 def check_prompts(
@@ -406,17 +404,14 @@ def generate(
     key: jax.Array,
     model_config: ModelConfig,
     config: SamplingConfig,
-    mesh: Mesh | None = None,
+    placement: mesh.Placement | None = None,
 ) -> Samples:
     """Host entry point: checks the prompts (every process holds them whole), then runs
-    the jitted sampler; on a `mesh` the prompts' rows are split over the data axes."""
+    the jitted sampler; with a `placement` the prompts' rows are split over the data axes."""
     check_prompts(prompt_BxP, prompt_valid_BxP, model_config, config)
-    if mesh is None:
-        place = jnp.asarray
-    else:
-        place = lambda x: sharding.from_host(x, sharding.batch_sharding(mesh))
+    place = jnp.asarray if placement is None else lambda x: mesh.from_host(x, placement.rows)
     return sample_jit(
-        params, place(prompt_BxP), place(prompt_valid_BxP), key, model_config, config, mesh
+        params, place(prompt_BxP), place(prompt_valid_BxP), key, model_config, config, placement
     )
 
 

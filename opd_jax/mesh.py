@@ -1,19 +1,23 @@
-"""Device meshes and the logical-axis rules that place params, batches and caches.
+"""Where every array lives: the device mesh, one table of logical-axis rules, placement,
+and the multi-host runtime.
 
-Params carry logical axis names (`model.param_axes`); a short rules table maps them to
-mesh axes, so changing the parallelism layout is a gin binding, not a code change.
-The mesh has three axes: `data` (pure data parallelism), `fsdp` (data parallelism
-whose replicas also shard the params and optimizer state) and `tensor` (Megatron-style
-splitting of heads, MLP width and vocabulary).
+Params carry logical axis names (`model.param_axes`), and so do batches, logits and KV
+caches; one rules table (`Layout`) maps them all to mesh axes, so changing the
+parallelism layout is a gin binding, not a code change, and it moves params, logits and
+caches alike. The mesh has three axes: `data` (pure data parallelism), `fsdp` (data
+parallelism whose replicas also shard the params and optimizer state) and `tensor`
+(Megatron-style splitting of heads, MLP width and vocabulary). In a multi-host run every
+process builds only its own rows of a batch, and `global_batch` joins them.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import math
 import socket
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from typing import Any
 
 import flax.linen as nn
@@ -22,6 +26,8 @@ import jax
 import numpy as np
 from jax.experimental import multihost_utils
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
+
+from opd_jax import model
 
 MESH_AXES = ("data", "fsdp", "tensor")
 BATCH_AXES = ("data", "fsdp")  # the axes a batch's rows are split over
@@ -142,20 +148,73 @@ def constrain(x: Any, shardings: Any) -> Any:
     return x if shardings is None else jax.lax.with_sharding_constraint(x, shardings)
 
 
+LOGITS_AXES = ("batch", "length", "vocab")
+
+
+@gin.configurable
+@dataclasses.dataclass(frozen=True)
+class Layout:
+    """The logical-axis rules of a run: one table for the student's params, batch rows,
+    logits and KV caches; `teacher_rules` optionally lays out a separate teacher's params
+    differently (e.g. no FSDP for a teacher that fits, to save the all-gathers of its
+    weights)."""
+
+    rules: tuple = DEFAULT_RULES
+    teacher_rules: tuple | None = None
+
+    def placement(self, mesh: Mesh, role: str = "student") -> Placement:
+        rules = self.teacher_rules if role == "teacher" and self.teacher_rules else self.rules
+        return Placement(mesh, tuple(rules))
+
+
+@dataclasses.dataclass(frozen=True)
+class Placement:
+    """A mesh and the rules that place arrays on it; hashable, so jitted functions take
+    it as a static argument (the sampler pins its KV cache with it, the loss its logits)."""
+
+    mesh: Mesh
+    rules: tuple = DEFAULT_RULES
+
+    def of(self, logical_axes: Any) -> Any:
+        """NamedShardings for a logical-axes tuple (or a pytree of them)."""
+        return logical_to_sharding(logical_axes, self.mesh, self.rules)
+
+    @property
+    def rows(self) -> NamedSharding:
+        """A batch's leading axis over the data axes (a prefix sharding for any rank)."""
+        return batch_sharding(self.mesh)
+
+    def pin(self, x: jax.Array, logical_axes: tuple) -> jax.Array:
+        """Constrains `x` to the rules' layout, dropping axes its shape cannot split."""
+        return constrain(x, fitted_sharding(x.shape, self.of(logical_axes)))
+
+    def params(self, config: model.ModelConfig) -> Any:
+        """NamedShardings of every param of `config`, from the shapes alone."""
+        shapes = jax.eval_shape(lambda: model.init_params(config, jax.random.key(0)))
+        return param_shardings(shapes, model.param_axes(config), self.mesh, self.rules)
+
+
 @dataclasses.dataclass(frozen=True)
 class StepShardings:
     """Where a jitted step's arguments live: the train state, the frozen params beside it
-    (the teacher, or None), the batch (a prefix sharding of its leading axis) and the
-    [B, T, V] logits inside the loss (vocabulary over the tensor axis)."""
+    (a teacher, a LoRA base, or None), and the placement that gives the batch's rows and
+    pins the [B, T, V] logits inside the loss."""
 
     state: Any
     frozen: Any
-    batch: NamedSharding
-    logits: NamedSharding
+    placement: Placement
 
     @property
     def mesh(self) -> Mesh:
-        return self.batch.mesh
+        return self.placement.mesh
+
+    @property
+    def batch(self) -> NamedSharding:
+        return self.placement.rows
+
+    @property
+    def logits(self) -> NamedSharding:
+        return self.placement.of(LOGITS_AXES)
 
 
 def from_host(x: Any, sharding: NamedSharding) -> jax.Array:
@@ -171,6 +230,67 @@ def to_host(tree: Any) -> Any:
     if jax.process_count() == 1:
         return jax.device_get(tree)
     return multihost_utils.process_allgather(tree, tiled=True)
+
+
+def place_params(params: Any, shardings: Any) -> Any:
+    """Params (host or device arrays that every process holds whole) moved to their
+    shardings; each process transfers only its devices' shards."""
+    return jax.tree.map(from_host, params, shardings)
+
+
+# ----------------------------------------------------------------------------- batches
+
+
+def process_rows(mesh: Mesh, global_batch: int) -> slice:
+    """The rows of a global batch that this process's devices hold (one contiguous block)."""
+    rows = batch_sharding(mesh)
+    if global_batch % batch_shards(mesh):
+        raise MeshError(
+            f"batch of {global_batch} rows does not split over the data axes "
+            f"({batch_shards(mesh)} ways)"
+        )
+    indices = rows.addressable_devices_indices_map((global_batch,)).values()
+    spans = sorted({index[0].indices(global_batch)[:2] for index in indices})
+    if any(a[1] != b[0] for a, b in zip(spans[:-1], spans[1:], strict=True)):
+        raise MeshError(f"this process's rows {spans} are not one block")
+    return slice(spans[0][0], spans[-1][1])
+
+
+def global_batch(local: Any, mesh: Mesh, global_rows: int) -> Any:
+    """A pytree of this process's rows (host arrays) -> global arrays of `global_rows`."""
+    rows = batch_sharding(mesh)
+    return jax.tree.map(
+        lambda x: jax.make_array_from_process_local_data(
+            rows, np.asarray(x), (global_rows, *np.shape(x)[1:])
+        ),
+        local,
+    )
+
+
+def local_rows(x: jax.Array) -> np.ndarray:
+    """This process's rows of a row-sharded global array, in order (what it fed in)."""
+    shards = {shard.index[0].start or 0: shard.data for shard in x.addressable_shards}
+    return np.concatenate([np.asarray(shards[start]) for start in sorted(shards)])
+
+
+# ----------------------------------------------------------------------------- processes
+
+
+def barrier(name: str) -> None:
+    """Waits for every process (nothing to wait for in a single-process run)."""
+    if jax.process_count() > 1:
+        multihost_utils.sync_global_devices(name)
+
+
+@contextlib.contextmanager
+def main_process_first(name: str) -> Iterator[None]:
+    """Process 0 runs the body (which may build a dataset or fetch weights into a shared
+    cache) before the others start it, so they only read what it wrote."""
+    if jax.process_index() != 0:
+        barrier(name)
+    yield
+    if jax.process_index() == 0:
+        barrier(name)
 
 
 class DistributedInitError(RuntimeError):

@@ -1,0 +1,220 @@
+"""The resumable run loop every stage shares, and the Orbax checkpoints it resumes from.
+
+A stage (teacher fine-tune, student fine-tune, distillation) is a pure step function
+applied to the batch at each step. The loop restores the newest Orbax checkpoint in the
+stage's directory and continues from its step; batches and RNG are pure functions of
+the step, so an interrupted run ends in the state of an uninterrupted one. Checkpoints
+are written every `checkpoint_every` steps, at the end, and on SIGTERM (TPU
+preemption), after which the process exits with `Preempted`. A non-finite loss stops
+the run before anything is written.
+
+Only the student's train state is saved: the teacher never changes and is reloaded from
+its source. Each checkpoint carries a fingerprint of what shapes the saved params (the
+architecture, a LoRA shape, the teacher kind), so a workdir holding another model's
+checkpoints fails with a clear error instead of a shape crash deep inside Orbax. Orbax
+writes each step to a temporary directory and renames it when complete, so an
+interrupted save leaves the previous step intact; a step that cannot be read is reported
+and the one before it is used.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import json
+import logging
+import pathlib
+import signal
+import time
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import jax
+import orbax.checkpoint as ocp
+
+from opd_jax import distill, reporting
+
+# A ModelConfig, or any dataclass holding one with what else shapes the saved params
+# (a LoRA student's rank and targets): its fields are the fingerprint.
+Architecture = Any
+
+_STATE = "state"
+_FINGERPRINT = "model"
+
+
+class CheckpointMismatchError(ValueError):
+    """The workdir holds checkpoints of a different model; nothing is overwritten."""
+
+
+def fingerprint(config: Architecture) -> dict[str, Any]:
+    """A JSON-able description of the architecture (what must match to resume)."""
+    return json.loads(json.dumps(dataclasses.asdict(config)))
+
+
+def manager(directory: str | pathlib.Path, max_to_keep: int = 2) -> ocp.CheckpointManager:
+    """Keeps the newest two steps: a 135M model's state with AdamW moments is 1.6 GB, and
+    Orbax commits a step atomically, so one complete step before the newest is enough."""
+    options = ocp.CheckpointManagerOptions(
+        max_to_keep=max_to_keep, create=True, enable_async_checkpointing=False
+    )
+    return ocp.CheckpointManager(
+        pathlib.Path(directory).absolute(),
+        options=options,
+        item_names=(_STATE, _FINGERPRINT),
+    )
+
+
+def save(mngr: ocp.CheckpointManager, step: int, state: Any, config: Architecture) -> None:
+    mngr.save(
+        step,
+        args=ocp.args.Composite(
+            **{
+                _STATE: ocp.args.StandardSave(state),
+                _FINGERPRINT: ocp.args.JsonSave(fingerprint(config)),
+            }
+        ),
+        force=True,
+    )
+    mngr.wait_until_finished()
+
+
+def _check_fingerprint(mngr: ocp.CheckpointManager, step: int, config: Architecture) -> None:
+    saved = mngr.restore(step, args=ocp.args.Composite(**{_FINGERPRINT: ocp.args.JsonRestore()}))
+    saved = saved[_FINGERPRINT]
+    expected = fingerprint(config)
+    if saved != expected:
+        differing = sorted(k for k in expected if saved.get(k) != expected[k])
+        raise CheckpointMismatchError(
+            f"{mngr.directory} holds checkpoints of a different model (fields differ: "
+            f"{', '.join(differing)}); use another --workdir or remove it"
+        )
+
+
+def check_directory(directory: str | pathlib.Path, config: Architecture) -> None:
+    """Raises CheckpointMismatchError if `directory` holds another model's checkpoints;
+    an experiment calls it for every stage before it writes anything to the workdir."""
+    if pathlib.Path(directory).exists():
+        mngr = manager(directory)
+        for step in mngr.all_steps():
+            _check_fingerprint(mngr, step, config)
+
+
+def restore_latest(
+    mngr: ocp.CheckpointManager, abstract_state: Any, config: Architecture
+) -> Any | None:
+    """The newest readable state, or None for a fresh workdir.
+
+    `abstract_state` (e.g. from `jax.eval_shape`, carrying shardings) tells Orbax the
+    structure, dtypes and placement to restore into.
+    """
+    steps = sorted(mngr.all_steps(), reverse=True)
+    for step in steps:
+        _check_fingerprint(mngr, step, config)
+        try:
+            restored = mngr.restore(
+                step, args=ocp.args.Composite(**{_STATE: ocp.args.StandardRestore(abstract_state)})
+            )
+        except Exception as err:  # a damaged step: fall back to the one before it
+            logging.warning(
+                "checkpoint step %d in %s is unreadable (%s)", step, mngr.directory, err
+            )
+            continue
+        return restored[_STATE]
+    if steps:
+        raise CheckpointMismatchError(
+            f"no checkpoint in {mngr.directory} could be read (steps {steps}); see warnings above"
+        )
+    return None
+
+
+def abstract(state: Any) -> Any:
+    """Shape/dtype/sharding skeleton of a state, for `restore_latest`."""
+    return jax.tree.map(ocp.utils.to_shape_dtype_struct, state)
+
+
+# ----------------------------------------------------------------------------- loop
+
+StepFn = Callable[[distill.TrainState, int], tuple[distill.TrainState, dict[str, Any]]]
+# after_step(step, state) runs after each step's metrics are written (e.g. evaluation).
+AfterStep = Callable[[int, distill.TrainState], None]
+
+
+class Preempted(SystemExit):
+    """SIGTERM arrived; the state was checkpointed and rerunning the command resumes."""
+
+    def __init__(self, step: int, directory: pathlib.Path) -> None:
+        super().__init__(
+            f"preempted at step {step}; checkpoint saved in {directory}, rerun to resume"
+        )
+
+
+@contextlib.contextmanager
+def _sigterm_flag() -> Iterator[dict[str, bool]]:
+    """A flag that SIGTERM sets instead of killing the process mid-step."""
+    flag = {"requested": False}
+
+    def handler(signum: int, frame: Any) -> None:
+        flag["requested"] = True
+
+    previous = signal.signal(signal.SIGTERM, handler)
+    try:
+        yield flag
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+@dataclasses.dataclass(frozen=True)
+class Stage:
+    """name: prefix of its scalars and the name of its checkpoint directory."""
+
+    name: str
+    directory: pathlib.Path
+    num_steps: int
+    checkpoint_every: int
+    model_config: Architecture
+
+
+def restore(stage: Stage, state: distill.TrainState) -> distill.TrainState:
+    """The newest checkpoint of the stage, or `state` in a fresh workdir."""
+    mngr = manager(stage.directory)
+    restored = restore_latest(mngr, abstract(state), stage.model_config)
+    return state if restored is None else restored
+
+
+def run(
+    stage: Stage,
+    state: distill.TrainState,
+    step_fn: StepFn,
+    writer: reporting.MetricsWriter,
+    after_step: AfterStep | None = None,
+) -> distill.TrainState:
+    """Runs the stage to `num_steps`, resuming from its newest checkpoint."""
+    state = restore(stage, state)
+    start = int(state.step)
+    if start >= stage.num_steps:
+        return state
+    mngr = manager(stage.directory)
+    bar = reporting.progress(stage.num_steps, initial=start, desc=stage.name)
+    with _sigterm_flag() as sigterm, bar:
+        for step in range(start, stage.num_steps):
+            began = time.perf_counter()
+            state, metrics = step_fn(state, step)
+            metrics = jax.device_get(metrics)
+            distill.raise_if_not_finite(step, metrics)
+            seconds = time.perf_counter() - began
+            done = step + 1
+            scalars = {k: v for k, v in metrics.items() if k != "finite"}
+            writer.write(done, {f"{stage.name}/{k}": v for k, v in scalars.items()})
+            writer.write(done, {f"{stage.name}/step_seconds": seconds})
+            bar.set_postfix(loss=f"{float(metrics['loss']):.4f}", step_s=f"{seconds:.2f}")
+            bar.update()
+            last = done == stage.num_steps
+            if last or sigterm["requested"] or done % stage.checkpoint_every == 0:
+                save(mngr, done, state, stage.model_config)
+            if sigterm["requested"] and not last:
+                writer.flush()
+                raise Preempted(done, stage.directory)
+            if after_step is not None:
+                after_step(done, state)
+    writer.flush()
+    return state

@@ -1,0 +1,296 @@
+"""The one distillation step of every recipe: rollout, then update.
+
+A run is a choice along four axes, all static:
+  student adapter: full fine-tuning, or LoRA adapters over a frozen base;
+  teacher: a separate frozen model, or the student itself (`opsd.SelfTeacher`: its
+    fixed initial weights, a moving average, or its live weights);
+  teacher context: the student's prompt, or a privileged one (`opsd.PrivilegedContext`);
+  objective: `distill.DistillConfig`.
+`Roles` holds the first two; the frozen arrays beside the train state (`Frozen`) are the
+separate teacher's params and the LoRA / fixed-teacher base. Both jitted functions
+resolve the student's and the teacher's full weights from (state, frozen) inside the
+trace, so GKD and OPSD run the same compiled code path, on one device or a mesh.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from opd_jax import distill, lora, mesh, opsd, rollout, sampling
+from opd_jax.distill import DistillBatch, TrainState
+from opd_jax.lora import LoraConfig
+from opd_jax.model import ModelConfig, Params
+
+# {"teacher": a separate teacher's params or None, "base": the LoRA base / the fixed
+# self-teacher's weights, or None}; never differentiated, never checkpointed.
+Frozen = dict[str, Params | None]
+
+
+@dataclasses.dataclass(frozen=True)
+class Roles:
+    """Who teaches whom; hashable, so the jitted steps take it as static."""
+
+    student: ModelConfig
+    teacher: ModelConfig
+    self_teacher: opsd.SelfTeacher | None = None  # None: a separate teacher model
+    lora: LoraConfig | None = None
+
+    @property
+    def teacher_kind(self) -> str:
+        return "separate" if self.self_teacher is None else self.self_teacher.weights
+
+    @property
+    def needs_base(self) -> bool:
+        """Whether the student's initial weights stay beside the state, frozen."""
+        return self.lora is not None or self.teacher_kind == "fixed"
+
+
+@dataclasses.dataclass(frozen=True)
+class StudentShape:
+    """What a distillation checkpoint must match to be resumed: the model, the LoRA shape
+    (another rank or target set is another params tree) and the teacher kind (ema keeps
+    a second params tree in the state)."""
+
+    model: ModelConfig
+    lora: LoraConfig | None
+    teacher: str
+
+
+def student_shape(roles: Roles) -> StudentShape:
+    return StudentShape(roles.student, roles.lora, roles.teacher_kind)
+
+
+def frozen_arrays(roles: Roles, student_params: Params, teacher_params: Params | None) -> Frozen:
+    """The frozen side of a run, from the student's initial and the teacher's params."""
+    return {
+        "teacher": teacher_params if roles.self_teacher is None else None,
+        "base": student_params if roles.needs_base else None,
+    }
+
+
+def student_weights(roles: Roles, trainable: Params, frozen: Frozen) -> Params:
+    return lora.student_weights(trainable, frozen["base"], roles.lora)
+
+
+def teacher_weights(roles: Roles, state: TrainState, frozen: Frozen) -> Params:
+    if roles.self_teacher is None:
+        return frozen["teacher"]
+    return opsd.self_teacher_weights(
+        roles.teacher_kind, state.params, frozen["base"], state.ema_params, roles.lora
+    )
+
+
+# ----------------------------------------------------------------------------- state
+
+
+def init_state(
+    roles: Roles, student_params: Params, optimizer: optax.GradientTransformation, seed: int
+) -> TrainState:
+    """A fresh state: the student's weights (copied) or zero-effect adapters, plus the
+    moving average when the teacher is "ema"."""
+    trainable = student_params
+    if roles.lora is not None:
+        trainable = lora.init(
+            student_params, roles.lora, jax.random.fold_in(jax.random.key(seed), 1)
+        )
+    state = distill.init_train_state(trainable, optimizer, seed)
+    if roles.teacher_kind == "ema":
+        state = state.replace(ema_params=jax.tree.map(jnp.copy, state.params))
+    return state
+
+
+def state_shardings(
+    abstract_state: TrainState, optimizer: optax.GradientTransformation, params_sharding: Any
+) -> TrainState:
+    """Shardings of a TrainState: params (and their moving average) as given, optimizer
+    moments like their params, everything else (step, counts, rng) replicated."""
+    replicated = mesh.replicated(jax.tree.leaves(params_sharding)[0].mesh)
+    opt_state = optax.tree_utils.tree_map_params(
+        optimizer,
+        lambda _, s: s,
+        abstract_state.opt_state,
+        params_sharding,
+        transform_non_params=lambda _: replicated,
+    )
+    ema = None if abstract_state.ema_params is None else params_sharding
+    return TrainState(
+        step=replicated,
+        params=params_sharding,
+        opt_state=opt_state,
+        rng=replicated,
+        ema_params=ema,
+    )
+
+
+def create_state(
+    roles: Roles,
+    student_params: Params,
+    optimizer: optax.GradientTransformation,
+    seed: int,
+    student_sharding: Any,
+) -> TrainState:
+    """`init_state` built directly in its shardings, so each shard of the optimizer
+    moments is made on the device that keeps it. Full weights follow the student's
+    layout; LoRA adapters (a few MB) are replicated."""
+    init = lambda p: init_state(roles, p, optimizer, seed)
+    abstract = jax.eval_shape(init, student_params)
+    trainable_sharding = student_sharding
+    if roles.lora is not None:
+        replicated = mesh.replicated(jax.tree.leaves(student_sharding)[0].mesh)
+        trainable_sharding = jax.tree.map(lambda _: replicated, abstract.params)
+    shardings = state_shardings(abstract, optimizer, trainable_sharding)
+    return jax.jit(init, out_shardings=shardings)(student_params)
+
+
+def step_shardings(
+    state: TrainState, frozen_sharding: Any, placement: mesh.Placement
+) -> mesh.StepShardings:
+    """The shardings the jitted steps take, read off a placed state."""
+    return mesh.StepShardings(
+        state=jax.tree.map(lambda x: x.sharding, state),
+        frozen=frozen_sharding,
+        placement=placement,
+    )
+
+
+# ----------------------------------------------------------------------------- steps
+
+
+def make_update_step(
+    roles: Roles,
+    cfg: distill.DistillConfig,
+    optimizer: optax.GradientTransformation,
+    shardings: mesh.StepShardings,
+):
+    """update(state, frozen, batch) -> (state, metrics), jitted, state donated; metrics as
+    `distill.make_update` gives them, replicated."""
+    distill.check_vocab(roles.teacher, roles.student)
+
+    def loss_sums(trainable, frozen_and_ema, micro):
+        frozen, ema = frozen_and_ema
+        view = TrainState(step=None, params=trainable, opt_state=None, rng=None, ema_params=ema)
+        terms = distill.per_token_terms(
+            student_weights(roles, trainable, frozen),
+            teacher_weights(roles, view, frozen),
+            micro,
+            roles.student,
+            roles.teacher,
+            cfg,
+            shardings.logits,
+        )
+        return distill.loss_sum(terms, micro, cfg)
+
+    inner = distill.make_update(loss_sums, cfg.grad_accum, optimizer)
+
+    def update(state: TrainState, frozen: Frozen, batch: DistillBatch):
+        new_state, metrics = inner(state, (frozen, state.ema_params), batch)
+        if roles.teacher_kind == "ema":
+            averaged = opsd.ema_update(
+                state.ema_params, new_state.params, roles.self_teacher.ema_decay
+            )
+            keep = lambda n, o: jnp.where(metrics["finite"], n, o)
+            new_state = new_state.replace(ema_params=jax.tree.map(keep, averaged, state.ema_params))
+        return new_state, metrics
+
+    return jax.jit(
+        update,
+        donate_argnums=0,
+        in_shardings=(shardings.state, shardings.frozen, shardings.batch),
+        out_shardings=(shardings.state, mesh.replicated(shardings.mesh)),
+    )
+
+
+def make_rollout(
+    roles: Roles,
+    mixture: rollout.MixtureConfig,
+    sampling_cfg: sampling.SamplingConfig,
+    shardings: mesh.StepShardings,
+):
+    """rollout(state, frozen, prompt, prompt_valid, target, target_valid, teacher_prompt,
+    teacher_prompt_valid) -> (DistillBatch, on_policy_B), jitted.
+
+    Completions come from the GKD mixture (`rollout.MixtureConfig`): the student's own
+    samples, the dataset's targets, or the teacher's samples, drawn from the teacher's
+    own (possibly privileged) context. Completions have the target width N, which must
+    equal sampling_cfg.max_new_tokens.
+    """
+    placement = shardings.placement
+    lam = mixture.on_policy_fraction
+
+    def rollout_fn(
+        state,
+        frozen,
+        prompt_BxP,
+        prompt_valid_BxP,
+        target_BxN,
+        target_valid_BxN,
+        teacher_BxQ,
+        teacher_valid_BxQ,
+    ):
+        B, N = target_BxN.shape
+        if sampling_cfg.max_new_tokens != N:
+            raise ValueError(
+                f"target width {N} != max_new_tokens {sampling_cfg.max_new_tokens}: on- and "
+                "off-policy completions must have one shape"
+            )
+        choice_key, student_key, teacher_key = jax.random.split(distill.step_key(state), 3)
+
+        def on_policy():
+            samples = sampling.sample(
+                student_weights(roles, state.params, frozen),
+                prompt_BxP,
+                prompt_valid_BxP,
+                student_key,
+                roles.student,
+                sampling_cfg,
+                placement,
+            )
+            return samples.tokens_BxN, samples.mask_BxN
+
+        def fixed():
+            if mixture.fixed_source == "teacher":
+                samples = sampling.sample(
+                    teacher_weights(roles, state, frozen),
+                    teacher_BxQ,
+                    teacher_valid_BxQ,
+                    teacher_key,
+                    roles.teacher,
+                    sampling_cfg,
+                    placement,
+                )
+                return samples.tokens_BxN, samples.mask_BxN
+            return target_BxN, target_valid_BxN.astype(jnp.float32)
+
+        if lam in (0.0, 1.0):  # static: compile only the branch that can run
+            on_B = jnp.full((B,), lam == 1.0)
+            tokens_BxN, mask_BxN = on_policy() if lam == 1.0 else fixed()
+        elif mixture.per_example:
+            on_B = jax.random.uniform(choice_key, (B,)) < lam
+            (s_tokens, s_mask), (f_tokens, f_mask) = on_policy(), fixed()
+            tokens_BxN = jnp.where(on_B[:, None], s_tokens, f_tokens)
+            mask_BxN = jnp.where(on_B[:, None], s_mask, f_mask)
+        else:
+            on = jax.random.uniform(choice_key) < lam
+            on_B = jnp.full((B,), on)
+            tokens_BxN, mask_BxN = jax.lax.cond(on, on_policy, fixed)
+        batch = DistillBatch(
+            prompt_BxP=prompt_BxP,
+            prompt_valid_BxP=prompt_valid_BxP,
+            completion_BxN=tokens_BxN,
+            completion_mask_BxN=mask_BxN,
+            teacher_prompt_BxQ=teacher_BxQ,
+            teacher_prompt_valid_BxQ=teacher_valid_BxQ,
+        )
+        return batch, on_B
+
+    rows = shardings.batch
+    return jax.jit(
+        rollout_fn,
+        in_shardings=(shardings.state, shardings.frozen, *(rows,) * 6),
+        out_shardings=(rows, rows),
+    )
