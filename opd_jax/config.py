@@ -8,13 +8,15 @@ line that names it, instead of a gin traceback.
 from __future__ import annotations
 
 import argparse
+import os
 import pathlib
 import sys
 from collections.abc import Sequence
 
 import gin
+import jax
 
-from opd_jax import mesh
+from opd_jax import assets, mesh
 
 
 class ConfigError(ValueError):
@@ -89,6 +91,18 @@ def parse(
     except (ConfigError, mesh.DistributedInitError) as err:
         sys.exit(f"error: {err}")
     return args
+
+
+def enable_compilation_cache(min_compile_seconds: float = 1.0) -> pathlib.Path:
+    """Keeps XLA's compiled programs on disk (under the checkpoint cache unless
+    $JAX_COMPILATION_CACHE_DIR says otherwise), so a resumed or repeated run skips the
+    compiles that dominate a small model's start-up. Set before anything is compiled;
+    processes a run starts inherit the directory through the environment."""
+    default = assets.cache_dir() / "xla"
+    directory = pathlib.Path(os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", str(default)))
+    jax.config.update("jax_compilation_cache_dir", str(directory))
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", min_compile_seconds)
+    return directory
 
 
 def save_operative_config(workdir: str | pathlib.Path) -> pathlib.Path:

@@ -98,9 +98,10 @@ class Models:
 
     teacher: a separate teacher model, or None for self-distillation: the student teaches
       itself (`SelfTeacher` says with which weights, `PrivilegedContext` what it sees).
-    student: the student's model; None cuts it from the teacher's layers:
-      `student_layers` is a count of evenly spaced layers, a tuple of layer indices, or
-      None for all of them.
+    student: the student's model; None starts it from the teacher's weights.
+    student_layers: the layers of that source (the student's model, else the teacher's)
+      the student keeps: a count of evenly spaced layers, a tuple of layer indices, or
+      None for all of them. A layer-pruned copy of the teacher is the usual GKD student.
     use_lora: train LoRA adapters (`LoraConfig`) on the student instead of every weight.
     The fine-tuning learning rates are separate because a pruned student needs large
     steps to repair itself, which would wreck a full pretrained teacher.
@@ -108,7 +109,7 @@ class Models:
 
     teacher: str | None = "smollm2-135m-instruct"
     student: str | None = None
-    student_layers: int | tuple[int, ...] | None = 8
+    student_layers: int | tuple[int, ...] | None = None
     use_lora: bool = False
     teacher_sft_steps: int = 0
     student_sft_steps: int = 30
@@ -204,7 +205,7 @@ class RolloutSampling:
 @dataclasses.dataclass(frozen=True)
 class LoadedModels:
     """The teacher's params are None when the student teaches itself; `student_layers`
-    are the teacher's layers the student was cut from (None when loaded whole)."""
+    are the source's layers the student kept (None when loaded whole)."""
 
     teacher_config: ModelConfig
     teacher_params: Params | None
@@ -219,8 +220,8 @@ def load_models(models: Models) -> LoadedModels:
     keep = models.student_layers
     if isinstance(keep, int):
         keep = model.evenly_spaced_layers(source_config.n_layers, keep)
-    if models.student is not None or keep is None:
-        student_config, student_params, keep = source_config, source_params, None
+    if keep is None:
+        student_config, student_params = source_config, source_params
     else:
         student_config, student_params = model.select_layers(source_params, source_config, keep)
     if models.teacher is None:
@@ -708,6 +709,7 @@ def _row(name: str, model_config: ModelConfig, result: Mapping[str, Any]) -> dic
 def main(description: str, default_gin_file: pathlib.Path, default_workdir: str) -> None:
     """The entry point of an experiment module: its gin file first, then the user's."""
     logging.basicConfig(level=logging.WARNING)
+    config.enable_compilation_cache()
     args = config.parse(description, default_gin_files=[str(default_gin_file)])
     try:
         run(args.workdir or default_workdir, title=default_gin_file.stem)

@@ -11,7 +11,11 @@ import pathlib
 import gin
 import pytest
 
-from opd_jax import assets, checkpoints
+from opd_jax import assets, checkpoints, config
+
+# The suite compiles the same small programs in many tests and in the processes some
+# tests start; a persistent cache compiles each once per machine, even the sub-second ones.
+config.enable_compilation_cache(min_compile_seconds=0.0)
 
 
 @pytest.fixture(autouse=True)

@@ -12,7 +12,7 @@ import sys
 import jax
 import numpy as np
 import pytest
-from test_experiment import TINY, _final_params
+from test_recipe import TINY, _final_params
 
 pytestmark = pytest.mark.slow
 

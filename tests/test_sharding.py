@@ -15,7 +15,7 @@ import time
 import jax
 import pytest
 
-from opd_jax import config, model, sharding
+from opd_jax import config, mesh, model
 
 WORKER = pathlib.Path(__file__).with_name("mesh_worker.py")
 ROOT = WORKER.parents[1]
@@ -28,10 +28,10 @@ def _forced_devices_env(count: int) -> dict[str, str]:
     return {**os.environ, "XLA_FLAGS": flags, "JAX_PLATFORMS": "cpu"}
 
 
-def _equivalence(tmp_path, meshes):
+def _equivalence(tmp_path, meshes, kind="gkd"):
     out = tmp_path / "equivalence.json"
     subprocess.run(
-        [sys.executable, str(WORKER), "equivalence", str(out), "--meshes", *meshes],
+        [sys.executable, str(WORKER), "equivalence", str(out), "--meshes", *meshes, "--kind", kind],
         env=_forced_devices_env(8),
         check=True,
         cwd=ROOT,
@@ -59,6 +59,17 @@ def test_2x2x2_mesh_matches_one_device(tmp_path):
     _check_mesh(result["(2, 2, 2)"], (2, 2, 2), result["q_shape"])
 
 
+def test_opsd_on_a_2x2x2_mesh_matches_one_device(tmp_path):
+    """Self-distillation through LoRA with a moving-average teacher and a wider privileged
+    context: the same tokens, and adapters and their average equal to one device's."""
+    result = _equivalence(tmp_path, ["2,2,2"], kind="opsd")["(2, 2, 2)"]
+    assert result["tokens_equal"], "sampled tokens differ from one device's"
+    assert result["loss_rel_diff"] <= LOSS_RTOL
+    assert result["params_max_diff"] <= PARAMS_ATOL
+    assert result["ema_params_max_diff"] <= PARAMS_ATOL
+    assert result["step_replicated"]
+
+
 @pytest.mark.slow
 def test_every_mesh_matches_one_device(tmp_path):
     meshes = [(8, 1, 1), (2, 4, 1), (2, 2, 2)]
@@ -77,24 +88,22 @@ def test_every_mesh_matches_one_device(tmp_path):
     ],
 )
 def test_mesh_shape_that_does_not_fit_the_devices_is_refused(shape, devices, message):
-    with pytest.raises(sharding.MeshError, match=message):
-        sharding.resolve_mesh_shape(shape, devices)
+    with pytest.raises(mesh.MeshError, match=message):
+        mesh.resolve_mesh_shape(shape, devices)
 
 
 def test_gin_mesh_larger_than_the_machine_is_refused():
     config.apply_gin([], ["make_mesh.shape = (2, 2, 2)"])
-    with pytest.raises(sharding.MeshError, match=f"but {jax.device_count()} are available"):
-        sharding.make_mesh()
+    with pytest.raises(mesh.MeshError, match=f"but {jax.device_count()} are available"):
+        mesh.make_mesh()
 
 
 def test_tensor_axis_must_divide_the_heads():
-    mesh = jax.sharding.AbstractMesh((1, 1, 3), sharding.MESH_AXES)
+    tensor_3 = jax.sharding.AbstractMesh((1, 1, 3), mesh.MESH_AXES)
     heads_4 = model.ModelConfig(64, 32, 1, 4, 2, 8, 48)
-    with pytest.raises(sharding.MeshError, match="does not divide n_heads=4"):
-        sharding.check_model_fits_mesh(heads_4, mesh)
-    sharding.check_model_fits_mesh(
-        heads_4, jax.sharding.AbstractMesh((1, 3, 2), sharding.MESH_AXES)
-    )
+    with pytest.raises(mesh.MeshError, match="does not divide n_heads=4"):
+        mesh.check_model_fits_mesh(heads_4, tensor_3)
+    mesh.check_model_fits_mesh(heads_4, jax.sharding.AbstractMesh((1, 3, 2), mesh.MESH_AXES))
 
 
 def test_unreachable_coordinator_fails_in_time_with_one_line():

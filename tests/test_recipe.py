@@ -1,5 +1,6 @@
-"""The experiments end to end on the real model and tokenizer, at tiny sizes: results,
-resume after SIGTERM equal to an uninterrupted run, and clear errors that overwrite nothing."""
+"""Every recipe end to end through the one run loop, on the real model and tokenizer at
+tiny sizes: results, a student that changed, resume after SIGTERM equal to an
+uninterrupted run, and clear errors that overwrite nothing."""
 
 import json
 import signal
@@ -10,8 +11,8 @@ import numpy as np
 import orbax.checkpoint as ocp
 import pytest
 
-from experiments import gkd_arithmetic, gkd_summarize
-from opd_jax import config, data, experiment, reporting, train_checkpoint
+from experiments import gkd_arithmetic, gkd_summarize, opsd_math, opsd_rule
+from opd_jax import config, data, loop, opsd, recipe, reporting
 from opd_jax.datasets import base
 
 TINY = [
@@ -31,19 +32,34 @@ TINY = [
 ]
 
 
-def _run(gin_file, workdir, extra=()):
-    config.apply_gin([str(gin_file)], [*TINY, *extra])
-    return experiment.run(workdir, title="test")
+OPSD_TINY = [
+    "Schedule.steps = 2",
+    "Schedule.batch_size = 2",
+    "Schedule.completion_len = 4",
+    "Schedule.checkpoint_every = 1",
+    "Schedule.eval_every = 2",
+    "Schedule.eval_examples = 2",
+    "Schedule.test_examples = 2",
+    "Schedule.eval_batch_size = 2",
+    "LoraConfig.rank = 2",
+    "LoraConfig.targets = ('q', 'v')",
+]
 
 
-def _final_params(workdir, step=4):
-    """The distill stage's params at `step`, on this process's first device whatever the
-    mesh or process count that wrote them."""
-    directory = workdir / "distill"
+def _run(gin_file, workdir, extra=(), tiny=TINY):
+    gin.clear_config()
+    config.apply_gin([str(gin_file)], [*tiny, *extra])
+    return recipe.run(workdir, title="test")
+
+
+def _final_params(workdir, step=4, stage="distill"):
+    """A stage's params at `step`, on this process's first device whatever the mesh or
+    process count that wrote them."""
+    directory = workdir / stage
     saved = ocp.StandardCheckpointer().metadata(directory / str(step) / "state").item_metadata
     device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
     target = jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=device), saved)
-    mngr = train_checkpoint.manager(directory)
+    mngr = loop.manager(directory)
     restored = mngr.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(target)))
     return restored["state"]["params"]
 
@@ -71,12 +87,56 @@ def test_tiny_run_writes_results_table_plot_and_config(module, tmp_path):
     if module is gkd_arithmetic:
         assert {"teacher_sft/loss", "distill/reward", "distill/policy_gradient"} <= logged
     assert f"eval/student_{metric}" in logged and f"eval/teacher_{metric}" in logged
-    assert train_checkpoint.manager(tmp_path / "distill").all_steps()[-1] == 4
+    assert loop.manager(tmp_path / "distill").all_steps()[-1] == 4
+    changed = jax.tree.map(
+        lambda a, b: float(np.max(np.abs(a - b))),
+        _final_params(tmp_path, step=1, stage="student_sft"),
+        _final_params(tmp_path),
+    )
+    assert max(jax.tree.leaves(changed)) > 0, "distillation left the student unchanged"
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("module", [opsd_math, opsd_rule], ids=["math", "rule"])
+def test_tiny_self_distillation_run_writes_results(module, tmp_path):
+    rows = _run(module.GIN_FILE, tmp_path, tiny=OPSD_TINY)
+    assert [r["model"] for r in rows] == [
+        "teacher with privileged context",
+        "student before distillation",
+        "student after distillation",
+    ]
+    assert all(0.0 <= r["exact_match"] <= 100.0 for r in rows)
+    assert json.loads((tmp_path / "results.json").read_text()) == rows
+    records = reporting.read_metrics(tmp_path / "logs" / reporting.METRICS_FILE)
+    logged = {key for r in records for key in r}
+    assert {"distill/loss", "distill/divergence", "eval/student_exact_match"} <= logged
+    adapters = _final_params(tmp_path, step=2)["layers"]
+    assert set(adapters) == {"q", "v"}, "a LoRA run checkpoints the adapters only"
+    assert np.any(adapters["q"]["b"] != 0), "the adapters' B factors left zero"
+
+
+@pytest.mark.slow
+def test_a_checkpoint_of_another_lora_shape_is_refused(tmp_path):
+    _run(
+        opsd_math.GIN_FILE,
+        tmp_path,
+        ["Schedule.steps = 1", "Schedule.test_examples = 1"],
+        tiny=OPSD_TINY,
+    )
+    with pytest.raises(loop.CheckpointMismatchError, match="fields differ: lora"):
+        _run(opsd_math.GIN_FILE, tmp_path, ["LoraConfig.rank = 4"], tiny=OPSD_TINY)
+
+
+def test_cut_prompts_and_a_dropped_default_system_prompt_refuse_to_start(tmp_path):
+    with pytest.raises(recipe.PromptCutError, match="teacher_prompt_len >= 1"):
+        _run(opsd_math.GIN_FILE, tmp_path, ["Schedule.teacher_prompt_len = 100"], tiny=OPSD_TINY)
+    with pytest.raises(opsd.TemplateMismatchError, match="--- teacher rendering ---"):
+        _run(opsd_rule.GIN_FILE, tmp_path, ["Task.system = None"], tiny=OPSD_TINY)
+    assert not (tmp_path / "distill").exists()
 
 
 def test_sigterm_then_rerun_ends_where_an_uninterrupted_run_does(tmp_path, monkeypatch):
     _run(gkd_summarize.GIN_FILE, tmp_path / "straight")
-    gin.clear_config()
 
     original_write = reporting.MetricsWriter.write
 
@@ -89,9 +149,8 @@ def test_sigterm_then_rerun_ends_where_an_uninterrupted_run_does(tmp_path, monke
     interrupted = tmp_path / "interrupted"
     with pytest.raises(SystemExit, match="preempted at step 2"):
         _run(gkd_summarize.GIN_FILE, interrupted)
-    assert train_checkpoint.manager(interrupted / "distill").all_steps() == [2]
+    assert loop.manager(interrupted / "distill").all_steps() == [2]
     monkeypatch.setattr(reporting.MetricsWriter, "write", original_write)
-    gin.clear_config()
     _run(gkd_summarize.GIN_FILE, interrupted)
 
     jax.tree.map(
@@ -106,8 +165,7 @@ def test_sigterm_then_rerun_ends_where_an_uninterrupted_run_does(tmp_path, monke
 def test_workdir_of_another_model_is_refused_and_left_alone(tmp_path):
     _run(gkd_summarize.GIN_FILE, tmp_path)
     before = {p: p.stat().st_mtime_ns for p in tmp_path.rglob("*") if p.is_file()}
-    gin.clear_config()
-    with pytest.raises(train_checkpoint.CheckpointMismatchError, match="n_layers"):
+    with pytest.raises(loop.CheckpointMismatchError, match="n_layers"):
         _run(gkd_summarize.GIN_FILE, tmp_path, ["Models.student_layers = 2"])
     after = {p: p.stat().st_mtime_ns for p in tmp_path.rglob("*") if p.is_file()}
     assert after == before

@@ -8,7 +8,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from opd_jax import data, distill, lora, model, self_distill, train_checkpoint
+from opd_jax import data, distill, loop, lora, mesh, model, opsd, update
 from opd_jax import tokenizer as tokenizer_lib
 from opd_jax.model import ModelConfig
 
@@ -71,22 +71,26 @@ def test_teacher_logits_are_read_at_the_completion_positions():
 
 
 def _run(teacher, decay=0.9, steps=3, lora_cfg=LORA):
-    """Losses and states of a few steps from a fresh state; a peaked base model so the
-    student moves visibly."""
+    """Losses and states of a few steps of the run's own update from a fresh state, on
+    one device; a peaked base model so the student moves visibly."""
     base = jax.tree.map(
         lambda x: 4.0 * x if x.ndim >= 2 else x, model.init_params(CONFIG, jax.random.key(0))
     )
-    sd = self_distill.SelfDistillConfig(teacher=teacher, ema_decay=decay)
+    roles = update.Roles(CONFIG, CONFIG, opsd.SelfTeacher(teacher, decay), lora_cfg)
     cfg = distill.DistillConfig(divergence="reverse_kl", learning_rate=1e-2, warmup_steps=0)
     optimizer = distill.make_optimizer(cfg, 100)
-    update = self_distill.make_update_step(CONFIG, cfg, sd, lora_cfg, optimizer)
-    state = self_distill.init_state(base, lora_cfg, sd, optimizer, seed=0)
+    placement = mesh.Layout().placement(mesh.make_mesh((1, 1, 1), devices=jax.devices()[:1]))
+    base = mesh.place_params(base, placement.params(CONFIG))
+    state = update.create_state(roles, base, optimizer, 0, placement.params(CONFIG))
+    frozen = update.frozen_arrays(roles, base, None)
+    shardings = update.step_shardings(state, jax.tree.map(lambda x: x.sharding, frozen), placement)
+    update_step = update.make_update_step(roles, cfg, optimizer, shardings)
     losses, states = [], [jax.tree.map(np.asarray, state)]
     for step in range(steps):
-        state, metrics = update(state, base, _batch(seed=step))
+        state, metrics = update_step(state, frozen, _batch(seed=step))
         losses.append(float(metrics["loss"]))
         states.append(jax.tree.map(np.asarray, state))
-    return base, losses, states
+    return roles, frozen, losses, states
 
 
 @pytest.mark.parametrize("lora_cfg", [LORA, None], ids=["lora", "full"])
@@ -94,16 +98,16 @@ def test_fixed_ema_and_live_teachers_behave_as_defined(lora_cfg):
     """ema with decay 1 never moves (it is the fixed teacher), with decay 0 it tracks the
     student (it is the live teacher); the two limits differ from each other; ema in
     between follows its recurrence."""
-    base, fixed, _ = _run("fixed", lora_cfg=lora_cfg)
-    _, live, _ = _run("live", lora_cfg=lora_cfg)
-    _, ema_one, _ = _run("ema", decay=1.0, lora_cfg=lora_cfg)
-    _, ema_zero, _ = _run("ema", decay=0.0, lora_cfg=lora_cfg)
+    _, _, fixed, _ = _run("fixed", lora_cfg=lora_cfg)
+    _, _, live, _ = _run("live", lora_cfg=lora_cfg)
+    _, _, ema_one, _ = _run("ema", decay=1.0, lora_cfg=lora_cfg)
+    _, _, ema_zero, _ = _run("ema", decay=0.0, lora_cfg=lora_cfg)
     np.testing.assert_allclose(ema_one, fixed, rtol=1e-6)
     np.testing.assert_allclose(ema_zero, live, rtol=1e-6)
     assert fixed[0] == pytest.approx(live[0], rel=1e-6)  # before any update they coincide
     assert abs(fixed[-1] - live[-1]) > 1e-4 * abs(fixed[-1])
 
-    _, _, states = _run("ema", decay=0.9, lora_cfg=lora_cfg)
+    roles, frozen, _, states = _run("ema", decay=0.9, lora_cfg=lora_cfg)
     expected = states[0].ema_params
     for state in states[1:]:
         expected = jax.tree.map(lambda e, p: 0.9 * e + 0.1 * p, expected, state.params)
@@ -116,33 +120,33 @@ def test_fixed_ema_and_live_teachers_behave_as_defined(lora_cfg):
     )
     assert max(moved) > 0
 
-    trainable, ema = states[-1].params, states[-1].ema_params
-    assert self_distill.teacher_weights("fixed", trainable, base, ema, lora_cfg) is base
-    live_weights = self_distill.teacher_weights("live", trainable, base, ema, lora_cfg)
-    student = self_distill.student_weights(trainable, base, lora_cfg)
+    base, trainable, ema = frozen["base"], states[-1].params, states[-1].ema_params
+    assert opsd.self_teacher_weights("fixed", trainable, base, ema, lora_cfg) is base
+    live_weights = opsd.self_teacher_weights("live", trainable, base, ema, lora_cfg)
+    student = update.student_weights(roles, trainable, frozen)
     for got, want in zip(jax.tree.leaves(live_weights), jax.tree.leaves(student), strict=True):
         np.testing.assert_array_equal(got, want)
 
 
 def test_lora_student_keeps_the_base_untouched_and_no_ema_when_not_asked():
-    base, _, states = _run("fixed")
+    _, _, _, states = _run("fixed")
     assert states[-1].ema_params is None
     assert set(states[-1].params["layers"]) == set(LORA.targets)
     assert np.any(states[-1].params["layers"]["q"]["b"])
 
 
 def test_a_checkpoint_of_another_lora_shape_or_teacher_kind_is_refused(tmp_path):
-    _, _, states = _run("fixed", steps=1)
-    shape = self_distill.StudentShape(CONFIG, LORA, "fixed")
-    train_checkpoint.save(train_checkpoint.manager(tmp_path), 1, states[-1], shape)
-    train_checkpoint.check_directory(tmp_path, shape)
+    _, _, _, states = _run("fixed", steps=1)
+    shape = update.StudentShape(CONFIG, LORA, "fixed")
+    loop.save(loop.manager(tmp_path), 1, states[-1], shape)
+    loop.check_directory(tmp_path, shape)
     for other, field in (
         (dataclasses.replace(shape, lora=lora.LoraConfig(rank=8)), "lora"),
         (dataclasses.replace(shape, lora=dataclasses.replace(LORA, targets=("q",))), "lora"),
         (dataclasses.replace(shape, teacher="ema"), "teacher"),
     ):
-        with pytest.raises(train_checkpoint.CheckpointMismatchError, match=f"differ: {field}"):
-            train_checkpoint.check_directory(tmp_path, other)
+        with pytest.raises(loop.CheckpointMismatchError, match=f"differ: {field}"):
+            loop.check_directory(tmp_path, other)
 
 
 # ----------------------------------------------------------------------------- contexts
@@ -162,11 +166,9 @@ def test_matching_contexts_pass_and_the_block_is_where_it_is_placed(tokenizer):
         ("user", "Reference:\n{target}", "Reference:\n2 + 3 = 5\n#### 5"),
         ("system", "Show each step.", "Show each step."),
     ):
-        ctx = self_distill.PrivilegedContext(text=text, placement=placement)
-        self_distill.check_contexts(EXAMPLE, STUDENT, ctx, tokenizer, tokenizer)
-        teacher = data.render_prompt(
-            EXAMPLE, self_distill.teacher_template(STUDENT, ctx), tokenizer
-        )
+        ctx = opsd.PrivilegedContext(text=text, placement=placement)
+        opsd.check_contexts(EXAMPLE, STUDENT, ctx, tokenizer, tokenizer)
+        teacher = data.render_prompt(EXAMPLE, opsd.teacher_template(STUDENT, ctx), tokenizer)
         before, after = teacher.split(block)
         assert before.endswith("assistant.\n\n" if placement == "system" else "2 + 3 =\n\n")
         assert before[:-2] + after == student
@@ -177,9 +179,9 @@ def test_a_different_chat_template_is_refused_showing_both_renderings(tokenizer,
         tokenizer,
         chat_template=tokenizer.chat_template.replace("<|im_start|>assistant", "<|im_start|>bot"),
     )
-    ctx = self_distill.PrivilegedContext(text="Reference:\n{target}")
-    with pytest.raises(self_distill.TemplateMismatchError) as err:
-        self_distill.check_contexts(EXAMPLE, STUDENT, ctx, tokenizer, other)
+    ctx = opsd.PrivilegedContext(text="Reference:\n{target}")
+    with pytest.raises(opsd.TemplateMismatchError) as err:
+        opsd.check_contexts(EXAMPLE, STUDENT, ctx, tokenizer, other)
     message = str(err.value)
     assert "renderings differ" in message
     assert "<|im_start|>assistant" in message and "<|im_start|>bot" in message
@@ -188,17 +190,15 @@ def test_a_different_chat_template_is_refused_showing_both_renderings(tokenizer,
 
 def test_a_different_eos_is_refused(tokenizer):
     other = dataclasses.replace(tokenizer, eos_id=tokenizer.eos_id + 1)
-    ctx = self_distill.PrivilegedContext(text="Reference:\n{target}")
-    with pytest.raises(self_distill.TemplateMismatchError, match="EOS differs"):
-        self_distill.check_contexts(EXAMPLE, STUDENT, ctx, tokenizer, other)
+    ctx = opsd.PrivilegedContext(text="Reference:\n{target}")
+    with pytest.raises(opsd.TemplateMismatchError, match="EOS differs"):
+        opsd.check_contexts(EXAMPLE, STUDENT, ctx, tokenizer, other)
 
 
 def test_a_system_rule_that_replaces_the_default_system_prompt_is_refused(tokenizer):
     """SmolLM2's template adds a default system prompt when there is none: a rule given as
     the only system prompt would silently drop it from the teacher's context."""
-    ctx = self_distill.PrivilegedContext(
-        text="Always end with '#### <answer>'.", placement="system"
-    )
+    ctx = opsd.PrivilegedContext(text="Always end with '#### <answer>'.", placement="system")
     no_system = dataclasses.replace(STUDENT, system=None)
-    with pytest.raises(self_distill.TemplateMismatchError, match="renderings differ"):
-        self_distill.check_contexts(EXAMPLE, no_system, ctx, tokenizer, tokenizer)
+    with pytest.raises(opsd.TemplateMismatchError, match="renderings differ"):
+        opsd.check_contexts(EXAMPLE, no_system, ctx, tokenizer, tokenizer)
