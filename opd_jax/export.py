@@ -131,6 +131,7 @@ def _lora_config(fields: dict[str, Any]) -> lora.LoraConfig:
 
 
 def _first_line(err: BaseException) -> str:
+    """Orbax's errors run over many lines; the CLI's report is one."""
     lines = str(err).strip().splitlines()
     return f"{type(err).__name__}: {lines[0] if lines else ''}"
 
