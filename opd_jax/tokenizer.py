@@ -29,7 +29,7 @@ import sentencepiece
 import tokenizers
 from google.protobuf.message import DecodeError
 from sentencepiece import sentencepiece_model_pb2
-from tokenizers import AddedToken, Regex, decoders, pre_tokenizers
+from tokenizers import AddedToken, Regex, decoders, normalizers, pre_tokenizers, processors
 
 from opd_jax import assets
 
@@ -178,6 +178,16 @@ class Tokenizer:
     ) -> list[int]:
         """Ids of the rendered conversation; the template writes any BOS it wants itself."""
         return self.encode(self.apply_chat_template(messages, add_generation_prompt))
+
+    def save_hf(self, directory: str | pathlib.Path) -> pathlib.Path:
+        """Writes tokenizer.json and tokenizer_config.json, from which transformers'
+        AutoTokenizer (and `from_hf_dir`) gives our ids, special tokens and chat template."""
+        directory = pathlib.Path(directory)
+        directory.mkdir(parents=True, exist_ok=True)
+        _as_hf_tokenizer(self).save(str(directory / "tokenizer.json"))
+        config = json.dumps(_hf_tokenizer_config(self), indent=2, ensure_ascii=False)
+        (directory / "tokenizer_config.json").write_text(config, encoding="utf-8")
+        return directory
 
 
 def _raise_exception(message: str) -> None:
@@ -552,6 +562,102 @@ def from_hf_dir(path: str | pathlib.Path) -> Tokenizer:
         ),
         chat_template=_hf_chat_template(directory, config),
     )
+
+
+# --------------------------------------------------------------------------- HF export
+
+
+def _merges_in_piece_order(vocab: Mapping[str, int]) -> list[tuple[str, str]]:
+    """The BPE merges a vocabulary ranked by position implies, as transformers rebuilds them
+    for a sentencepiece vocabulary: every cut of a piece into two pieces, earlier pieces
+    first and, within one piece, the longer left part first."""
+    ranked = [
+        (index, -cut, piece[:cut], piece[cut:])
+        for piece, index in vocab.items()
+        for cut in range(1, len(piece))
+        if piece[:cut] in vocab and piece[cut:] in vocab
+    ]
+    return [(left, right) for *_, left, right in sorted(ranked)]
+
+
+def _sentencepiece_as_tokenizers(
+    backend: SentencePieceBackend, special_ids: frozenset[int]
+) -> tokenizers.Tokenizer:
+    """The sentencepiece BPE model as a `tokenizers.Tokenizer` that gives the same ids.
+
+    Sentencepiece merges the pair that makes the highest-scoring piece, and our pieces
+    score by position, so merges ranked by position reproduce it; spaces become "▁" and
+    characters outside the vocabulary fall back to byte pieces. A dummy prefix has no
+    exact counterpart: `tokenizers` puts it in front of every stretch of text between
+    special tokens (or, with `Metaspace`, skips it before a space), sentencepiece once.
+    """
+    proto = sentencepiece_model_pb2.ModelProto()
+    proto.ParseFromString(backend.processor.serialized_model_proto())
+    if proto.normalizer_spec.add_dummy_prefix:
+        raise ValueError(
+            "a sentencepiece vocabulary that adds a dummy prefix cannot be written as a "
+            "tokenizer.json that gives the same ids"
+        )
+    vocab = {p.piece: i for i, p in enumerate(proto.pieces)}
+    model = tokenizers.models.BPE(
+        vocab=vocab,
+        merges=_merges_in_piece_order(vocab),
+        unk_token=backend.token(backend.processor.unk_id()),
+        fuse_unk=True,
+        byte_fallback=proto.trainer_spec.byte_fallback,
+    )
+    tok = tokenizers.Tokenizer(model)
+    tok.normalizer = normalizers.Replace(" ", "▁")
+    tok.decoder = decoders.Sequence(
+        [decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse()]
+    )
+    tok.add_special_tokens(
+        [AddedToken(backend.token(i), normalized=False, special=True) for i in sorted(special_ids)]
+    )
+    user = (
+        p.piece
+        for i, p in enumerate(proto.pieces)
+        if p.type == _USER_DEFINED and i not in special_ids
+    )
+    tok.add_tokens([AddedToken(t, normalized=False, special=False) for t in user])
+    return tok
+
+
+def _as_hf_tokenizer(tok: Tokenizer) -> tokenizers.Tokenizer:
+    """Our tokenizer as a `tokenizers.Tokenizer` whose post-processor adds BOS when the
+    checkpoint expects it, which is how transformers decides to add it."""
+    if isinstance(tok.backend, HFTokenizersBackend):
+        out = tokenizers.Tokenizer.from_str(tok.backend.tokenizer.to_str())
+    else:
+        out = _sentencepiece_as_tokenizers(tok.backend, tok.special_ids)
+    if tok.add_bos_token:
+        bos = tok.bos_token
+        out.post_processor = processors.TemplateProcessing(
+            single=f"{bos} $A", pair=f"{bos} $A {bos} $B", special_tokens=[(bos, tok.bos_id)]
+        )
+    return out
+
+
+def _hf_tokenizer_config(tok: Tokenizer) -> dict[str, Any]:
+    """tokenizer_config.json: the generic fast tokenizer class, the named special tokens,
+    whether BOS is added, and the chat template; decoding keeps spaces as written."""
+    named = {
+        "bos_token": tok.bos_token,
+        "eos_token": tok.eos_token,
+        "pad_token": tok.backend.token(tok.pad_id),
+    }
+    if isinstance(tok.backend, SentencePieceBackend):
+        named["unk_token"] = tok.backend.token(tok.backend.processor.unk_id())
+    config: dict[str, Any] = {
+        "tokenizer_class": "PreTrainedTokenizerFast",
+        **{name: token for name, token in named.items() if token is not None},
+        "add_bos_token": tok.add_bos_token,
+        "add_eos_token": False,
+        "clean_up_tokenization_spaces": False,
+    }
+    if tok.chat_template is not None:
+        config["chat_template"] = tok.chat_template
+    return config
 
 
 # --------------------------------------------------------------------------- one entry point

@@ -401,6 +401,64 @@ def test_byte_level_pre_tokenizer_splits_match_reference(real_models, tmp_path, 
     assert ours.encode(".\n\nfoo") != gpt2.encode(".\n\nfoo")
 
 
+# --------------------------------------------------------------------------- writing
+
+
+@pytest.fixture(scope="module", params=MODELS)
+def saved(request, real_models, tmp_path_factory) -> tuple[tokenizer.Tokenizer, pathlib.Path]:
+    """(ours, the directory `save_hf` wrote); Gemma's GGUF has no template, so it gets the
+    one its tokenizer_config.json ships, which must survive the round trip too."""
+    ours = _ours(real_models.path(request.param))
+    if ours.chat_template is None:
+        ours = dataclasses.replace(ours, chat_template=GEMMA3_CHAT_TEMPLATE)
+    return ours, ours.save_hf(tmp_path_factory.mktemp(request.param))
+
+
+def test_saved_tokenizer_gives_our_ids_in_transformers(saved):
+    import transformers
+
+    ours, directory = saved
+    ref = transformers.AutoTokenizer.from_pretrained(directory)
+    add_bos = ours.add_bos_token
+    assert [t for t in TEXTS if ref(t).input_ids != ours.encode(t, add_bos=add_bos)] == []
+    assert (ref.bos_token_id, ref.eos_token_id, ref.pad_token_id) == (
+        ours.bos_id,
+        ours.eos_id,
+        ours.pad_id,
+    )
+    decoded = {t: ours.encode(t) for t in TEXTS}
+    assert [
+        t
+        for t, ids in decoded.items()
+        if ref.decode(ids) != ours.decode(ids, skip_special_tokens=False)
+    ] == []
+    for conversation in CONVERSATIONS:
+        rendered = ref.apply_chat_template(conversation, tokenize=False, add_generation_prompt=True)
+        assert rendered == ours.apply_chat_template(conversation)
+
+
+def test_saved_tokenizer_reloads_as_ours(saved):
+    ours, directory = saved
+    back = tokenizer.from_hf_dir(directory)
+    same = ("bos_id", "eos_id", "pad_id", "special_ids", "add_bos_token", "chat_template")
+    assert {k: getattr(back, k) for k in same} == {k: getattr(ours, k) for k in same}
+    assert back.vocab_size == ours.vocab_size
+    assert [t for t in TEXTS if back.encode(t) != ours.encode(t)] == []
+
+
+def test_sentencepiece_with_dummy_prefix_is_not_written(real_models, tmp_path):
+    """tokenizers puts the prefix before every stretch between special tokens (or skips it
+    before a space); sentencepiece puts it once, so no tokenizer.json gives its ids."""
+    gemma = _ours(real_models.path("gemma3-270m"))
+    proto = sentencepiece_model_pb2.ModelProto()
+    proto.ParseFromString(gemma.backend.processor.serialized_model_proto())
+    proto.normalizer_spec.add_dummy_prefix = True
+    (tmp_path / "tokenizer.model").write_bytes(proto.SerializeToString())
+    with pytest.raises(ValueError, match="dummy prefix"):
+        tokenizer.from_hf_dir(tmp_path).save_hf(tmp_path / "out")
+    assert not (tmp_path / "out" / "tokenizer.json").exists()
+
+
 # --------------------------------------------------------------------------- bad inputs
 
 
