@@ -26,7 +26,7 @@ import jax
 import jax.numpy as jnp
 import orbax.checkpoint as ocp
 
-from opd_jax import assets, checkpoints, lora, model, train_checkpoint
+from opd_jax import assets, checkpoints, loop, lora, model
 from opd_jax import tokenizer as tokenizer_lib
 from opd_jax.model import ModelConfig, Params
 
@@ -156,7 +156,7 @@ def _params_reader(directory: pathlib.Path) -> ocp.CheckpointManager:
     return ocp.CheckpointManager(
         directory.absolute(),
         options=ocp.CheckpointManagerOptions(read_only=True),
-        item_handlers={train_checkpoint._STATE: ocp.PyTreeCheckpointHandler()},
+        item_handlers={loop.STATE_ITEM: ocp.PyTreeCheckpointHandler()},
     )
 
 
@@ -175,7 +175,7 @@ def _check_shapes(directory: pathlib.Path, step: int, saved: Any, abstract: Para
 
 
 def _restore_step(mngr: ocp.CheckpointManager, step: int, abstract: Params) -> Params:
-    item = train_checkpoint._STATE
+    item = loop.STATE_ITEM
     _check_shapes(mngr.directory, step, mngr.item_metadata(step)[item]["params"], abstract)
     cpu = jax.sharding.SingleDeviceSharding(jax.devices("cpu")[0])
     args = jax.tree.map(lambda _: ocp.ArrayRestoreArgs(dtype=jnp.float32, sharding=cpu), abstract)

@@ -38,7 +38,7 @@ from opd_jax import distill, reporting
 # (a LoRA student's rank and targets): its fields are the fingerprint.
 Architecture = Any
 
-_STATE = "state"
+STATE_ITEM = "state"
 _FINGERPRINT = "model"
 
 
@@ -60,7 +60,7 @@ def manager(directory: str | pathlib.Path, max_to_keep: int = 2) -> ocp.Checkpoi
     return ocp.CheckpointManager(
         pathlib.Path(directory).absolute(),
         options=options,
-        item_names=(_STATE, _FINGERPRINT),
+        item_names=(STATE_ITEM, _FINGERPRINT),
     )
 
 
@@ -69,7 +69,7 @@ def save(mngr: ocp.CheckpointManager, step: int, state: Any, config: Architectur
         step,
         args=ocp.args.Composite(
             **{
-                _STATE: ocp.args.StandardSave(state),
+                STATE_ITEM: ocp.args.StandardSave(state),
                 _FINGERPRINT: ocp.args.JsonSave(fingerprint(config)),
             }
         ),
@@ -112,14 +112,15 @@ def restore_latest(
         _check_fingerprint(mngr, step, config)
         try:
             restored = mngr.restore(
-                step, args=ocp.args.Composite(**{_STATE: ocp.args.StandardRestore(abstract_state)})
+                step,
+                args=ocp.args.Composite(**{STATE_ITEM: ocp.args.StandardRestore(abstract_state)}),
             )
         except Exception as err:  # a damaged step: fall back to the one before it
             logging.warning(
                 "checkpoint step %d in %s is unreadable (%s)", step, mngr.directory, err
             )
             continue
-        return restored[_STATE]
+        return restored[STATE_ITEM]
     if steps:
         raise CheckpointMismatchError(
             f"no checkpoint in {mngr.directory} could be read (steps {steps}); see warnings above"

@@ -9,7 +9,8 @@ GKD (a separate teacher, often fine-tuned first, teaching a smaller student) and
 Each stage resumes from its own checkpoints in the workdir. Test-set scores of the
 teacher (in its own, possibly privileged, context), the student before distillation and
 after it go to a results table (markdown + JSON) and a plot of the metric and the exact
-divergence against step. The same path runs on one device, a mesh and several hosts.
+divergence against step; `python -m opd_jax.export WORKDIR OUT` turns the student into a
+Hugging Face directory. The same path runs on one device, a mesh and several hosts.
 
 Every setting is a gin parameter of `Task`, `Models`, `Schedule`, `RolloutSampling`,
 `DistillConfig`, `MixtureConfig`, `SelfTeacher`, `PrivilegedContext`, `LoraConfig`,
@@ -37,6 +38,7 @@ from opd_jax import (
     data,
     distill,
     evaluation,
+    export,
     loop,
     lora,
     mesh,
@@ -493,7 +495,11 @@ def run(workdir: str | pathlib.Path, title: str) -> list[dict[str, Any]]:
     opsd.check_contexts(splits["train"][0], student_template, context, tokenizer, teacher_tokenizer)
     widths = {"student": (student_template, schedule.prompt_len, "Schedule.prompt_len")}
     if (teacher_template, schedule.teacher_width) != (student_template, schedule.prompt_len):
-        widths["teacher"] = (teacher_template, schedule.teacher_width, "Schedule.teacher_prompt_len")
+        widths["teacher"] = (
+            teacher_template,
+            schedule.teacher_width,
+            "Schedule.teacher_prompt_len",
+        )
     check_prompt_lengths(splits, widths, tokenizer, schedule.cut_prompts)
     group = schedule.rl_group_size if cfg.rl_alpha < 1.0 else 1
     specs = make_specs(schedule, student_template, teacher_template, group)
@@ -517,6 +523,14 @@ def run(workdir: str | pathlib.Path, title: str) -> list[dict[str, Any]]:
     mesh.barrier("workdir checked")  # nothing is written before every process checked
     if reporting.is_main_process():
         config.save_operative_config(workdir)
+        adapter = "full" if lora_cfg is None else "lora"
+        export.write_manifest(  # how `python -m opd_jax.export` rebuilds the student
+            workdir,
+            student_source,
+            [("student_sft", "full"), ("distill", adapter)],
+            layers=loaded.student_layers,
+            lora_config=lora_cfg,
+        )
     with reporting.MetricsWriter(workdir / "logs") as writer:
         tune = lambda name, params, model_config, steps, learning_rate, shardings: fine_tune(
             name,

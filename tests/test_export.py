@@ -1,7 +1,7 @@
 """A run's student leaves its workdir as a Hugging Face directory that transformers loads
 to our logits, our token ids and our chat template.
 
-The workdirs are real: stage checkpoints written by `train_checkpoint.save` from real
+The workdirs are real: stage checkpoints written by `loop.save` from real
 train states (optimizer moments included) of the packaged SmolLM2, cut to two layers
 so that saving and loading stay quick, plus the manifest a run writes.
 """
@@ -17,7 +17,7 @@ import pytest
 import torch
 import transformers
 
-from opd_jax import checkpoints, distill, export, lora, model, self_distill, train_checkpoint
+from opd_jax import checkpoints, distill, export, loop, lora, model, opsd, update
 from opd_jax import tokenizer as tokenizer_lib
 from opd_jax.model import ModelConfig, Params
 
@@ -43,7 +43,7 @@ def _perturbed(params: Params, seed: int, scale: float) -> Params:
 
 
 def _save_stage(workdir: pathlib.Path, stage: str, step: int, state, architecture) -> None:
-    train_checkpoint.save(train_checkpoint.manager(workdir / stage), step, state, architecture)
+    loop.save(loop.manager(workdir / stage), step, state, architecture)
 
 
 def _train_state(params: Params) -> distill.TrainState:
@@ -140,18 +140,18 @@ def test_lora_student_exports_merged(smollm_source, pruned, smollm_tokenizer, tm
     config, base = pruned
     fine_tuned = _perturbed(base, 3, 0.05)
     lora_config = lora.LoraConfig(rank=4, alpha=8.0, targets=("q", "v", "down"))
-    sd = self_distill.SelfDistillConfig(teacher="ema")
+    roles = update.Roles(config, config, opsd.SelfTeacher("ema"), lora_config)
     optimizer = distill.make_optimizer(distill.DistillConfig(), total_steps=10)
-    state = self_distill.init_state(fine_tuned, lora_config, sd, optimizer, seed=0)
+    state = update.init_state(roles, fine_tuned, optimizer, seed=0)
     keys = iter(jax.random.split(jax.random.key(4), 2 * len(lora_config.targets)))
     adapters = jax.tree.map(
         lambda x: x + 0.05 * jax.random.normal(next(keys), x.shape), state.params
     )
     workdir = tmp_path / "run"
     _save_stage(workdir, "student_sft", 5, _train_state(fine_tuned), config)
-    shape = self_distill.StudentShape(config, lora_config, sd.teacher)
-    _save_stage(workdir, "opsd", 2, state.replace(params=adapters), shape)
-    stages = [("student_sft", "full"), ("opsd", "lora")]
+    shape = update.student_shape(roles)
+    _save_stage(workdir, "distill", 2, state.replace(params=adapters), shape)
+    stages = [("student_sft", "full"), ("distill", "lora")]
     export.write_manifest(
         workdir, smollm_source, stages, tokenizer=SMOLLM, layers=KEEP, lora_config=lora_config
     )
@@ -181,7 +181,7 @@ def tiny_source(tmp_path_factory) -> pathlib.Path:
 def test_manifest_round_trips_with_absolute_paths(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     lora_config = lora.LoraConfig(rank=2, alpha=4.0, targets=("q", "o"))
-    stages = [("student_sft", "full"), ("opsd", "lora")]
+    stages = [("student_sft", "full"), ("distill", "lora")]
     export.write_manifest(
         "run", "source", stages, tokenizer=SMOLLM, layers=[0, 2], lora_config=lora_config
     )
@@ -190,13 +190,13 @@ def test_manifest_round_trips_with_absolute_paths(tmp_path, monkeypatch):
         tokenizer=SMOLLM,
         layers=(0, 2),
         lora=lora_config,
-        stages=(export.StageParams("student_sft", "full"), export.StageParams("opsd", "lora")),
+        stages=(export.StageParams("student_sft", "full"), export.StageParams("distill", "lora")),
     )
 
 
 def test_lora_stage_without_lora_config_is_refused(tmp_path):
     with pytest.raises(export.ExportError, match="no LoRA config"):
-        export.write_manifest(tmp_path, SMOLLM, [("opsd", "lora")])
+        export.write_manifest(tmp_path, SMOLLM, [("distill", "lora")])
 
 
 def test_cli_without_manifest_fails_with_one_line(tmp_path):
