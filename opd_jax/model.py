@@ -8,6 +8,16 @@ leading `layers` axis and run under `lax.scan`, which keeps compile time flat in
 depth. Norm scales are stored as the effective multiplier (Gemma's `1 + w` is folded
 in by the loader), so the forward has one RMSNorm.
 
+One function, `block`, is the transformer block: the forward scans it over the stacked
+layers, and `decode_step` (one new token per row, for a sampler's loop) unrolls it.
+
+The KV cache has one layout: per layer, keys and values [B, K, S, Dh]. Both attention
+dots take (B, K) as batch dimensions and contract over Dh or S, and this layout puts
+the batch dimensions first and the slots next to Dh, so the dots read the cache as it
+lies: no step transposes it, and a decode step writes its new key and value into one
+slot in place. `init_cache` stacks the layers ([L, B, K, S, Dh]) for the scan, and
+`layer_caches` splits them into per-layer buffers of the same layout.
+
 Shapes are in the names: B batch, T new tokens, S key slots, D model width,
 H query heads, K kv heads, G = H // K, Dh head dim, F mlp width, V vocab, L layers.
 """
@@ -25,6 +35,8 @@ import numpy as np
 
 Params = dict[str, Any]
 Cache = dict[str, jax.Array]
+LayerCache = tuple[jax.Array, jax.Array]  # one layer's keys and values, each [B, K, S, Dh]
+CACHE_AXES = ("batch", "kv_heads", "length", "head_dim")  # logical axes of a LayerCache array
 _MASK_VALUE = float(np.finfo(np.float32).min)
 
 
@@ -201,8 +213,8 @@ def positions_from_mask(valid_BxT: jax.Array) -> jax.Array:
 
 
 def init_cache(config: ModelConfig, batch: int, max_len: int, dtype: Any = jnp.float32) -> Cache:
-    """An empty static-size KV cache: slots are filled left to right from `index`."""
-    shape = (config.n_layers, batch, max_len, config.n_kv_heads, config.head_dim)
+    """An empty static-size KV cache, layers stacked: slots are filled left to right from `index`."""
+    shape = (config.n_layers, batch, config.n_kv_heads, max_len, config.head_dim)
     return {
         "k": jnp.zeros(shape, dtype),
         "v": jnp.zeros(shape, dtype),
@@ -211,42 +223,37 @@ def init_cache(config: ModelConfig, batch: int, max_len: int, dtype: Any = jnp.f
     }
 
 
-def _attention(
-    q_BxTxHxDh: jax.Array,
-    k_BxSxKxDh: jax.Array,
-    v_BxSxKxDh: jax.Array,
-    mask_BxTxS: jax.Array,
-    scale: float,
-) -> jax.Array:
-    B, T, H, Dh = q_BxTxHxDh.shape
-    K = k_BxSxKxDh.shape[2]
-    q_BxTxKxGxDh = q_BxTxHxDh.reshape(B, T, K, H // K, Dh)
-    scores_BxKxGxTxS = jnp.einsum(
-        "btkgd,bskd->bkgts", q_BxTxKxGxDh, k_BxSxKxDh, preferred_element_type=jnp.float32
+def layer_caches(cache: Cache) -> tuple[LayerCache, ...]:
+    """The stacked cache as one (keys, values) pair per layer, for `decode_step`."""
+    return tuple(zip(cache["k"], cache["v"], strict=True))
+
+
+def unstack_layers(params: Params, config: ModelConfig) -> tuple[Params, ...]:
+    """Each layer's weights as its own pytree, for `decode_step`."""
+    return tuple(
+        jax.tree.map(lambda w, i=i: w[i], params["layers"]) for i in range(config.n_layers)
     )
-    scores_BxKxGxTxS = jnp.where(mask_BxTxS[:, None, None], scores_BxKxGxTxS * scale, _MASK_VALUE)
-    probs_BxKxGxTxS = jax.nn.softmax(scores_BxKxGxTxS, axis=-1).astype(v_BxSxKxDh.dtype)
-    out_BxTxKxGxDh = jnp.einsum("bkgts,bskd->btkgd", probs_BxKxGxTxS, v_BxSxKxDh)
-    return out_BxTxKxGxDh.reshape(B, T, H, Dh)
 
 
-def _layer(
-    x_BxTxD: jax.Array,
+def _embed(params: Params, tokens_BxT: jax.Array, config: ModelConfig) -> jax.Array:
+    x_BxTxD = params["embed"][tokens_BxT]
+    if config.embed_scale:
+        x_BxTxD = x_BxTxD * jnp.asarray(math.sqrt(config.d_model), x_BxTxD.dtype)
+    return x_BxTxD
+
+
+def _project_qkv(
+    h_BxTxD: jax.Array,
     p: Params,
-    is_sliding: jax.Array,
     positions_BxT: jax.Array,
-    key_valid_BxS: jax.Array,
-    query_slots_T: jax.Array,
-    cache_kv: tuple[jax.Array, jax.Array] | None,
-    cache_index: jax.Array,
+    is_sliding: bool | jax.Array,
     config: ModelConfig,
-) -> tuple[jax.Array, tuple[jax.Array, jax.Array] | None]:
-    """One pre-norm block; writes this layer's new keys/values into its cache slice."""
+) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """Rotated queries [B, T, H, Dh], and rotated keys and values in the cache's [B, K, T, Dh]."""
     c = config
-    h = rms_norm(x_BxTxD, p["attn_norm"], c.norm_eps)
-    q = jnp.einsum("btd,dhk->bthk", h, p["q"])
-    k = jnp.einsum("btd,dhk->bthk", h, p["k"])
-    v = jnp.einsum("btd,dhk->bthk", h, p["v"])
+    q = jnp.einsum("btd,dhk->bthk", h_BxTxD, p["q"])
+    k = jnp.einsum("btd,dhk->bthk", h_BxTxD, p["k"])
+    v = jnp.einsum("btd,dhk->bthk", h_BxTxD, p["v"])
     if c.qkv_bias:
         q, k, v = q + p["q_bias"], k + p["k_bias"], v + p["v_bias"]
     if c.qk_norm:
@@ -255,35 +262,93 @@ def _layer(
     local_freq = rope_inv_freq(c.local_rope, c.head_dim) if c.local_rope else global_freq
     inv_freq = jnp.where(is_sliding, local_freq, global_freq)
     q, k = _rotate(q, positions_BxT, inv_freq), _rotate(k, positions_BxT, inv_freq)
+    return q, k.swapaxes(1, 2), v.swapaxes(1, 2)
 
-    if cache_kv is None:
-        keys, values = k, v
-    else:
-        keys = jax.lax.dynamic_update_slice_in_dim(
-            cache_kv[0], k.astype(cache_kv[0].dtype), cache_index, 1
-        )
-        values = jax.lax.dynamic_update_slice_in_dim(
-            cache_kv[1], v.astype(cache_kv[1].dtype), cache_index, 1
-        )
-    key_slots_S = jnp.arange(keys.shape[1])
+
+def _attention_mask(
+    query_slots_T: jax.Array,
+    key_valid_BxS: jax.Array,
+    is_sliding: bool | jax.Array,
+    config: ModelConfig,
+) -> jax.Array:
+    """[B, T, S]: a query sees valid keys at its own slot or before, within the window."""
+    key_slots_S = jnp.arange(key_valid_BxS.shape[1])
     distance_TxS = query_slots_T[:, None] - key_slots_S[None, :]
-    window = c.sliding_window or keys.shape[1]
+    window = config.sliding_window or key_valid_BxS.shape[1]
     in_window_TxS = jnp.where(is_sliding, distance_TxS < window, True)
-    mask_BxTxS = (distance_TxS >= 0)[None] & in_window_TxS[None] & key_valid_BxS[:, None, :]
+    return ((distance_TxS >= 0) & in_window_TxS)[None] & key_valid_BxS[:, None, :]
 
+
+def _attention(
+    q_BxTxHxDh: jax.Array,
+    k_BxKxSxDh: jax.Array,
+    v_BxKxSxDh: jax.Array,
+    mask_BxTxS: jax.Array,
+    scale: float,
+) -> jax.Array:
+    B, T, H, Dh = q_BxTxHxDh.shape
+    K = k_BxKxSxDh.shape[1]
+    q_BxTxKxGxDh = q_BxTxHxDh.reshape(B, T, K, H // K, Dh)
+    scores_BxKxGxTxS = jnp.einsum(
+        "btkgd,bksd->bkgts", q_BxTxKxGxDh, k_BxKxSxDh, preferred_element_type=jnp.float32
+    )
+    scores_BxKxGxTxS = jnp.where(mask_BxTxS[:, None, None], scores_BxKxGxTxS * scale, _MASK_VALUE)
+    probs_BxKxGxTxS = jax.nn.softmax(scores_BxKxGxTxS, axis=-1).astype(v_BxKxSxDh.dtype)
+    out_BxTxKxGxDh = jnp.einsum("bkgts,bksd->btkgd", probs_BxKxGxTxS, v_BxKxSxDh)
+    return out_BxTxKxGxDh.reshape(B, T, H, Dh)
+
+
+def _mlp(h_BxTxD: jax.Array, p: Params, config: ModelConfig) -> jax.Array:
+    gated_BxTxF = _ACTIVATIONS[config.activation](jnp.einsum("btd,df->btf", h_BxTxD, p["gate"]))
+    up_BxTxF = jnp.einsum("btd,df->btf", h_BxTxD, p["up"])
+    return jnp.einsum("btf,fd->btd", gated_BxTxF * up_BxTxF, p["down"])
+
+
+def block(
+    x_BxTxD: jax.Array,
+    p: Params,
+    kv: LayerCache | None,
+    *,
+    first_slot: jax.Array | int,
+    positions_BxT: jax.Array,
+    key_valid_BxS: jax.Array,
+    is_sliding: bool | jax.Array,
+    config: ModelConfig,
+) -> tuple[jax.Array, LayerCache | None]:
+    """The transformer block (pre-norm attention, then MLP) on T new tokens in key slots
+    [first_slot, first_slot + T).
+
+    With a layer cache `kv` the new keys and values are written into those slots and the
+    queries attend over all S slots of it; without one they attend over each other
+    (S = T). `key_valid_BxS` marks the slots that hold real tokens; causality and the
+    sliding window are applied here. Returns the block's output and the updated cache.
+    """
+    c = config
+    h = rms_norm(x_BxTxD, p["attn_norm"], c.norm_eps)
+    q_BxTxHxDh, k_BxKxTxDh, v_BxKxTxDh = _project_qkv(h, p, positions_BxT, is_sliding, c)
+    if kv is None:
+        keys_BxKxSxDh, values_BxKxSxDh = k_BxKxTxDh, v_BxKxTxDh
+    else:
+        write = lambda cache, new: jax.lax.dynamic_update_slice_in_dim(
+            cache, new.astype(cache.dtype), first_slot, axis=2
+        )
+        keys_BxKxSxDh, values_BxKxSxDh = write(kv[0], k_BxKxTxDh), write(kv[1], v_BxKxTxDh)
+    query_slots_T = first_slot + jnp.arange(x_BxTxD.shape[1])
+    mask_BxTxS = _attention_mask(query_slots_T, key_valid_BxS, is_sliding, c)
     scale = (c.query_pre_attn_scalar or c.head_dim) ** -0.5
-    attn = _attention(q, keys.astype(q.dtype), values.astype(q.dtype), mask_BxTxS, scale)
+    dtype = q_BxTxHxDh.dtype
+    attn = _attention(
+        q_BxTxHxDh, keys_BxKxSxDh.astype(dtype), values_BxKxSxDh.astype(dtype), mask_BxTxS, scale
+    )
     attn_out = jnp.einsum("bthk,hkd->btd", attn, p["o"])
     if c.post_norms:
         attn_out = rms_norm(attn_out, p["post_attn_norm"], c.norm_eps)
     x_BxTxD = x_BxTxD + attn_out
 
-    h = rms_norm(x_BxTxD, p["mlp_norm"], c.norm_eps)
-    gated = _ACTIVATIONS[c.activation](jnp.einsum("btd,df->btf", h, p["gate"]))
-    mlp_out = jnp.einsum("btf,fd->btd", gated * jnp.einsum("btd,df->btf", h, p["up"]), p["down"])
+    mlp_out = _mlp(rms_norm(x_BxTxD, p["mlp_norm"], c.norm_eps), p, c)
     if c.post_norms:
         mlp_out = rms_norm(mlp_out, p["post_mlp_norm"], c.norm_eps)
-    new_kv = None if cache_kv is None else (keys, values)
+    new_kv = None if kv is None else (keys_BxKxSxDh, values_BxKxSxDh)
     return x_BxTxD + mlp_out, new_kv
 
 
@@ -308,29 +373,34 @@ def hidden_states(
         valid_BxT = jnp.ones((B, T), bool)
     if positions_BxT is None:
         positions_BxT = positions_from_mask(valid_BxT)
-    dtype = params["embed"].dtype
-    x = params["embed"][tokens_BxT]
-    if config.embed_scale:
-        x = x * jnp.asarray(math.sqrt(config.d_model), dtype)
+    x = _embed(params, tokens_BxT, config)
 
     if cache is None:
         index = jnp.zeros((), jnp.int32)
         key_valid_BxS = valid_BxT
-        layer_caches = None
+        stacked_kv = None
     else:
         index = cache["index"]
         key_valid_BxS = jax.lax.dynamic_update_slice_in_dim(cache["valid"], valid_BxT, index, 1)
-        layer_caches = (cache["k"], cache["v"])
-    query_slots_T = index + jnp.arange(T)
-    is_sliding_L = jnp.asarray(config.is_sliding)
+        stacked_kv = (cache["k"], cache["v"])
 
     def body(x, layer_inputs):
-        p, sliding, kv = layer_inputs
-        return _layer(x, p, sliding, positions_BxT, key_valid_BxS, query_slots_T, kv, index, config)
+        p, is_sliding, kv = layer_inputs
+        return block(
+            x,
+            p,
+            kv,
+            first_slot=index,
+            positions_BxT=positions_BxT,
+            key_valid_BxS=key_valid_BxS,
+            is_sliding=is_sliding,
+            config=config,
+        )
 
     if remat:
         body = jax.checkpoint(body)
-    x, new_kv = jax.lax.scan(body, x.astype(dtype), (params["layers"], is_sliding_L, layer_caches))
+    is_sliding_L = jnp.asarray(config.is_sliding)
+    x, new_kv = jax.lax.scan(body, x, (params["layers"], is_sliding_L, stacked_kv))
     x = rms_norm(x, params["final_norm"], config.norm_eps)
     if cache is None:
         return x, None
@@ -359,6 +429,42 @@ def forward(
     """Logits [B, T, V] (float32) and the updated cache; see `hidden_states` for kwargs."""
     hidden_BxTxD, cache = hidden_states(params, tokens_BxT, config, **kwargs)
     return logits_from_hidden(params, hidden_BxTxD, config), cache
+
+
+def decode_step(
+    params: Params,
+    layers: Sequence[Params],
+    token_B: jax.Array,
+    caches: Sequence[LayerCache],
+    slot: jax.Array,
+    positions_B: jax.Array,
+    valid_BxS: jax.Array,
+    config: ModelConfig,
+) -> tuple[jax.Array, tuple[LayerCache, ...]]:
+    """Logits [B, V] (float32) after one token per row, at `positions_B`, goes into key
+    slot `slot` of every layer's cache; returns them with the updated caches.
+
+    `layers` and `caches` hold one entry per layer (`unstack_layers`, `layer_caches`) and
+    the layers are unrolled, so inside a decode loop every layer's cache is its own
+    buffer and the new key and value are written into it in place. `valid_BxS` marks the
+    slots that hold real tokens; slots after `slot` are masked by causality anyway.
+    """
+    x_Bx1xD = _embed(params, token_B[:, None], config)
+    new_caches = []
+    for p, kv, is_sliding in zip(layers, caches, config.is_sliding, strict=True):
+        x_Bx1xD, kv = block(
+            x_Bx1xD,
+            p,
+            kv,
+            first_slot=slot,
+            positions_BxT=positions_B[:, None],
+            key_valid_BxS=valid_BxS,
+            is_sliding=is_sliding,
+            config=config,
+        )
+        new_caches.append(kv)
+    hidden_Bx1xD = rms_norm(x_Bx1xD, params["final_norm"], config.norm_eps)
+    return logits_from_hidden(params, hidden_Bx1xD, config)[:, 0], tuple(new_caches)
 
 
 def select_layers(

@@ -109,15 +109,12 @@ class Samples:
     lengths_B: jax.Array
 
 
-# Per layer: keys and values [B, K, S, Dh], the layout the attention dots read directly.
-_LayerCaches = tuple[tuple[jax.Array, jax.Array], ...]
-CACHE_AXES = ("batch", "kv_heads", "length", "head_dim")  # logical axes of a cache buffer
+CACHE_AXES = model.CACHE_AXES  # logical axes of one layer's key or value cache buffer
 
 
 class _DecodeState(NamedTuple):
     step: jax.Array  # the completion position the next emitted token goes to
-    caches: _LayerCaches
-    valid_BxS: jax.Array
+    caches: tuple[model.LayerCache, ...]  # one buffer pair per layer, updated in place
     positions_B: jax.Array  # position of the token last fed to the model
     done_B: jax.Array
     samples: Samples
@@ -192,105 +189,9 @@ def _emit(
     return state._replace(step=state.step + 1, done_B=state.done_B | is_eos_B, samples=samples)
 
 
-def _decode_layer(
-    x_BxD: jax.Array,
-    p: Params,
-    cache_kv: tuple[jax.Array, jax.Array],
-    layer: int,
-    slot: jax.Array,
-    positions_B: jax.Array,
-    valid_BxS: jax.Array,
-    config: ModelConfig,
-) -> tuple[jax.Array, tuple[jax.Array, jax.Array]]:
-    """`model._layer` for one new token per row, against a [B, K, S, Dh] cache.
-
-    The model's cached forward copies and transposes every layer's cache on every call;
-    here the new key/value is written into its slot in place and the attention reads the
-    cache as it lies, which makes a decode step several times cheaper at batch 8 and up.
-    The math is the model's, op for op; tests hold the two to the same logits.
-    """
-    c = config
-    B, K, S, Dh = cache_kv[0].shape
-    h = model.rms_norm(x_BxD, p["attn_norm"], c.norm_eps)
-    q_BxHxDh = jnp.einsum("bd,dhk->bhk", h, p["q"])
-    k_BxKxDh = jnp.einsum("bd,dhk->bhk", h, p["k"])
-    v_BxKxDh = jnp.einsum("bd,dhk->bhk", h, p["v"])
-    if c.qkv_bias:
-        q_BxHxDh, k_BxKxDh = q_BxHxDh + p["q_bias"], k_BxKxDh + p["k_bias"]
-        v_BxKxDh = v_BxKxDh + p["v_bias"]
-    if c.qk_norm:
-        q_BxHxDh = model.rms_norm(q_BxHxDh, p["q_norm"], c.norm_eps)
-        k_BxKxDh = model.rms_norm(k_BxKxDh, p["k_norm"], c.norm_eps)
-    sliding = c.is_sliding[layer]
-    rope = c.local_rope if sliding and c.local_rope else c.rope
-    inv_freq = model.rope_inv_freq(rope, c.head_dim)
-    rotate = lambda x_BxNxDh: model._rotate(x_BxNxDh[:, None], positions_B[:, None], inv_freq)[:, 0]
-    q_BxHxDh, k_BxKxDh = rotate(q_BxHxDh), rotate(k_BxKxDh)
-
-    write = lambda cache, new_BxKxDh: jax.lax.dynamic_update_slice(
-        cache, new_BxKxDh[:, :, None].astype(cache.dtype), (0, 0, slot, 0)
-    )
-    keys_BxKxSxDh, values_BxKxSxDh = write(cache_kv[0], k_BxKxDh), write(cache_kv[1], v_BxKxDh)
-    mask_BxS = valid_BxS  # slots after `slot` are not valid yet
-    if sliding:
-        mask_BxS = mask_BxS & (slot - jnp.arange(S) < c.sliding_window)[None]
-
-    scale = (c.query_pre_attn_scalar or c.head_dim) ** -0.5
-    q_BxKxGxDh = q_BxHxDh.reshape(B, K, -1, Dh)
-    scores_BxKxGxS = jnp.einsum(
-        "bkgd,bksd->bkgs",
-        q_BxKxGxDh,
-        keys_BxKxSxDh.astype(q_BxHxDh.dtype),
-        preferred_element_type=jnp.float32,
-    )
-    scores_BxKxGxS = jnp.where(mask_BxS[:, None, None], scores_BxKxGxS * scale, model._MASK_VALUE)
-    probs_BxKxGxS = jax.nn.softmax(scores_BxKxGxS, axis=-1).astype(q_BxHxDh.dtype)
-    attn_BxKxGxDh = jnp.einsum(
-        "bkgs,bksd->bkgd", probs_BxKxGxS, values_BxKxSxDh.astype(q_BxHxDh.dtype)
-    )
-    attn_out = jnp.einsum("bhk,hkd->bd", attn_BxKxGxDh.reshape(q_BxHxDh.shape), p["o"])
-    if c.post_norms:
-        attn_out = model.rms_norm(attn_out, p["post_attn_norm"], c.norm_eps)
-    x_BxD = x_BxD + attn_out
-
-    h = model.rms_norm(x_BxD, p["mlp_norm"], c.norm_eps)
-    gated = model._ACTIVATIONS[c.activation](jnp.einsum("bd,df->bf", h, p["gate"]))
-    mlp_out = jnp.einsum("bf,fd->bd", gated * jnp.einsum("bd,df->bf", h, p["up"]), p["down"])
-    if c.post_norms:
-        mlp_out = model.rms_norm(mlp_out, p["post_mlp_norm"], c.norm_eps)
-    return x_BxD + mlp_out, (keys_BxKxSxDh, values_BxKxSxDh)
-
-
-def _decode_logits(
-    params: Params,
-    layers: Sequence[Params],
-    token_B: jax.Array,
-    state: _DecodeState,
-    slot: jax.Array,
-    config: ModelConfig,
-) -> tuple[jax.Array, _LayerCaches, jax.Array]:
-    """Logits [B, V] after feeding one token per row into `slot`; layers are unrolled so
-    each one's weights and cache are separate buffers, updated in place by the loop."""
-    x_BxD = params["embed"][token_B]
-    if config.embed_scale:
-        x_BxD = x_BxD * jnp.asarray(math.sqrt(config.d_model), x_BxD.dtype)
-    valid_BxS = jax.lax.dynamic_update_slice(
-        state.valid_BxS, jnp.ones((token_B.shape[0], 1), bool), (0, slot)
-    )
-    caches = []
-    for layer, (p, cache_kv) in enumerate(zip(layers, state.caches, strict=True)):
-        x_BxD, cache_kv = _decode_layer(
-            x_BxD, p, cache_kv, layer, slot, state.positions_B, valid_BxS, config
-        )
-        caches.append(cache_kv)
-    hidden_Bx1xD = model.rms_norm(x_BxD, params["final_norm"], config.norm_eps)[:, None]
-    logits_BxV = model.logits_from_hidden(params, hidden_Bx1xD, config)[:, 0]
-    return logits_BxV, tuple(caches), valid_BxS
-
-
 def _prefill(
     params: Params, prompt_BxP: jax.Array, prompt_valid_BxP: jax.Array, N: int, config: ModelConfig
-) -> tuple[jax.Array, _LayerCaches, jax.Array]:
+) -> tuple[jax.Array, tuple[model.LayerCache, ...]]:
     """Last-position logits [B, V], and per-layer caches with N empty slots after the prompt."""
     B, P = prompt_BxP.shape
     hidden_BxPxD, cache = model.hidden_states(
@@ -298,14 +199,10 @@ def _prefill(
         prompt_BxP,
         config,
         valid_BxT=prompt_valid_BxP,
-        cache=model.init_cache(config, B, P, params["embed"].dtype),
+        cache=model.init_cache(config, B, P + N, params["embed"].dtype),
     )
     logits_BxV = model.logits_from_hidden(params, hidden_BxPxD[:, -1:], config)[:, 0]
-    grow = lambda kv_BxPxKxDh: jnp.pad(
-        kv_BxPxKxDh.transpose(0, 2, 1, 3), ((0, 0),) * 2 + ((0, N), (0, 0))
-    )
-    caches = tuple((grow(k), grow(v)) for k, v in zip(cache["k"], cache["v"], strict=True))
-    return logits_BxV, caches, jnp.pad(prompt_valid_BxP, ((0, 0), (0, N)))
+    return logits_BxV, model.layer_caches(cache)
 
 
 def sample(
@@ -325,10 +222,10 @@ def sample(
     B, P = prompt_BxP.shape
     config.check(model_config.vocab_size, P)
     N = config.max_new_tokens
-    logits_BxV, caches, valid_BxS = _prefill(params, prompt_BxP, prompt_valid_BxP, N, model_config)
-    layers = [
-        jax.tree.map(lambda w, i=i: w[i], params["layers"]) for i in range(model_config.n_layers)
-    ]
+    logits_BxV, caches = _prefill(params, prompt_BxP, prompt_valid_BxP, N, model_config)
+    layers = model.unstack_layers(params, model_config)
+    # Every completion slot holds a real token once written; until then causality hides it.
+    valid_BxS = jnp.pad(prompt_valid_BxP, ((0, 0), (0, N)), constant_values=True)
     row_keys_B = jax.vmap(jax.random.fold_in, (None, 0))(key, jnp.arange(B))
     empty = Samples(
         tokens_BxN=jnp.full((B, N), config.pad_id, jnp.int32),
@@ -340,7 +237,6 @@ def sample(
     start = _DecodeState(
         step=jnp.zeros((), jnp.int32),
         caches=caches,
-        valid_BxS=valid_BxS,
         positions_B=model.positions_from_mask(prompt_valid_BxP)[:, -1],
         done_B=jnp.zeros((B,), bool),
         samples=empty,
@@ -353,10 +249,17 @@ def sample(
     def decode_one(state: _DecodeState) -> _DecodeState:
         state = state._replace(positions_B=state.positions_B + 1)
         last_B = state.samples.tokens_BxN[:, state.step - 1]
-        logits_BxV, caches, valid_BxS = _decode_logits(
-            params, layers, last_B, state, P + state.step - 1, model_config
+        logits_BxV, caches = model.decode_step(
+            params,
+            layers,
+            last_B,
+            state.caches,
+            P + state.step - 1,
+            state.positions_B,
+            valid_BxS,
+            model_config,
         )
-        state = state._replace(caches=caches, valid_BxS=valid_BxS)
+        state = state._replace(caches=caches)
         return _pin_layout(_emit(state, logits_BxV, row_keys_B, config), placement)
 
     return jax.lax.while_loop(keep_going, decode_one, state).samples

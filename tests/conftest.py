@@ -57,6 +57,35 @@ def reference_tokenizer(name: str):
     return transformers.AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
 
 
+@pytest.fixture(scope="session")
+def tiny_teacher_dir(tmp_path_factory) -> pathlib.Path:
+    """A user's checkpoint directory as a run reads one: a two-layer Llama with SmolLM2's
+    real vocabulary and tokenizer (config.json, safetensors, tokenizer files). Random
+    weights, scaled up so its next-token distributions are peaked rather than uniform
+    over 49152 tokens: a student cut from it starts measurably far from it. Small enough
+    that a whole run compiles in seconds."""
+    import jax
+
+    from opd_jax import model
+    from opd_jax import tokenizer as tokenizer_lib
+
+    config = model.ModelConfig(
+        vocab_size=49152,
+        d_model=64,
+        n_layers=2,
+        n_heads=4,
+        n_kv_heads=2,
+        head_dim=16,
+        mlp_dim=128,
+        rope=model.RopeConfig(theta=100000.0),
+    )
+    params = model.init_params(config, jax.random.key(0))
+    params = jax.tree.map(lambda w: 4.0 * w if w.ndim >= 2 else w, params)
+    directory = checkpoints.save_hf_dir(config, params, tmp_path_factory.mktemp("tiny_teacher"))
+    tokenizer_lib.load("smollm2-135m-instruct").save_hf(directory)
+    return directory
+
+
 class RealModels:
     """Cached access to the packaged checkpoints, ours and the reference's."""
 

@@ -41,39 +41,51 @@ def _left_padded_batch(lengths, width, vocab, seed=0):
     return jnp.asarray(np.where(valid, tokens, 0)), jnp.asarray(valid)
 
 
+def _cached_logits(params, tokens, valid, config: ModelConfig, max_len: int = 12):
+    """Logits of a prompt fed in pieces: slots 0-3 and 4-5 through `forward` with the
+    stacked cache (the layer scan), then one token at a time through `decode_step` (the
+    unrolled layers), which is how the sampler prefills and decodes."""
+    positions = model.positions_from_mask(valid)
+    cache = model.init_cache(config, batch=tokens.shape[0], max_len=max_len)
+    chunk = jax.jit(model.forward, static_argnums=2)
+    pieces = []
+    for start, stop in ((0, 4), (4, 6)):
+        logits, cache = chunk(
+            params,
+            tokens[:, start:stop],
+            config,
+            valid_BxT=valid[:, start:stop],
+            positions_BxT=positions[:, start:stop],
+            cache=cache,
+        )
+        pieces.append(logits)
+    assert int(cache["index"]) == 6
+    decode = jax.jit(model.decode_step, static_argnums=7)
+    layers, caches = model.unstack_layers(params, config), model.layer_caches(cache)
+    key_valid = jnp.pad(valid, ((0, 0), (0, max_len - tokens.shape[1])), constant_values=True)
+    for t in range(6, tokens.shape[1]):
+        logits_BxV, caches = decode(
+            params, layers, tokens[:, t], caches, t, positions[:, t], key_valid, config
+        )
+        pieces.append(logits_BxV[:, None])
+    return jnp.concatenate(pieces, axis=1)
+
+
+# Two forwards of the same tokens that reduce over different numbers of key slots (a
+# cache wider than the prompt, extra left padding) or compile differently (scan vs
+# unrolled layers) differ only by float32 rounding order. Measured max |difference| on
+# these logits (|logit| < 1): 1.5e-7 with AVX2+FMA, 2.1e-7 with XLA held to SSE4.2.
+REORDERED_LOGITS_ATOL = 2e-6
+
+
 @pytest.mark.parametrize("name", CONFIGS)
-def test_cached_decode_token_by_token_equals_full_forward(name):
+def test_cached_prefill_and_decode_steps_equal_full_forward(name):
     config = CONFIGS[name]
     params = _params(config)
     tokens, valid = _left_padded_batch([9, 6], width=9, vocab=config.vocab_size)
     full, _ = model.forward(params, tokens, config, valid_BxT=valid)
-
-    prefill_len = 4
-    cache = model.init_cache(config, batch=2, max_len=12)
-    positions = model.positions_from_mask(valid)
-    step = jax.jit(model.forward, static_argnums=2)
-    logits, cache = step(
-        params,
-        tokens[:, :prefill_len],
-        config,
-        valid_BxT=valid[:, :prefill_len],
-        positions_BxT=positions[:, :prefill_len],
-        cache=cache,
-    )
-    pieces = [logits]
-    for t in range(prefill_len, tokens.shape[1]):
-        logits, cache = step(
-            params,
-            tokens[:, t : t + 1],
-            config,
-            valid_BxT=valid[:, t : t + 1],
-            positions_BxT=positions[:, t : t + 1],
-            cache=cache,
-        )
-        pieces.append(logits)
-    cached = jnp.concatenate(pieces, axis=1)
-    assert int(cache["index"]) == tokens.shape[1]
-    np.testing.assert_allclose(cached[valid], full[valid], atol=2e-5)
+    cached = _cached_logits(params, tokens, valid, config)
+    np.testing.assert_allclose(cached[valid], full[valid], rtol=0, atol=REORDERED_LOGITS_ATOL)
 
 
 @pytest.mark.parametrize("name", CONFIGS)
@@ -117,7 +129,7 @@ def test_left_padding_does_not_change_a_row(name):
     tokens, valid = _left_padded_batch([5, 8], width=8, vocab=config.vocab_size)
     batched, _ = model.forward(params, tokens, config, valid_BxT=valid)
     alone, _ = model.forward(params, tokens[:1, 3:], config)
-    np.testing.assert_allclose(batched[0, 3:], alone[0], atol=2e-5)
+    np.testing.assert_allclose(batched[0, 3:], alone[0], rtol=0, atol=REORDERED_LOGITS_ATOL)
 
 
 def test_bfloat16_params_track_float32():
@@ -127,7 +139,9 @@ def test_bfloat16_params_track_float32():
     logits32, _ = model.forward(params32, tokens, LLAMA)
     logits16, _ = model.forward(params16, tokens, LLAMA)
     assert logits16.dtype == jnp.float32  # losses always see float32 logits
-    np.testing.assert_allclose(logits16, logits32, atol=0.05)
+    # bfloat16 keeps 8 significand bits (relative rounding 4e-3) in weights and activations;
+    # measured max |difference| 2.1e-3 on logits of |logit| < 1.
+    np.testing.assert_allclose(logits16, logits32, rtol=0, atol=0.02)
 
 
 def test_param_axes_cover_every_param_with_matching_rank():
@@ -151,7 +165,7 @@ def test_llama3_rope_scaling_changes_only_low_frequencies():
         RopeConfig(theta=500000.0, scaling="llama3", factor=8.0, original_max_position=8192), 64
     )
     assert scaled[0] == plain[0]  # the highest frequency is untouched
-    np.testing.assert_allclose(scaled[-1], plain[-1] / 8.0, rtol=1e-6)  # the lowest is divided
+    assert scaled[-1] == plain[-1] / 8.0  # the lowest is divided (by 8: exact in floating point)
 
 
 @pytest.mark.parametrize(
