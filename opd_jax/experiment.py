@@ -355,6 +355,7 @@ def run(workdir: str | pathlib.Path, title: str) -> list[dict[str, Any]]:
     )
     mesh = sharding.make_mesh()
     _check_schedule(schedule, cfg, mesh)
+    rollout.check_rollouts(cfg, rollout_sampling, mixture.on_policy_fraction)
 
     with parallel.main_process_first("inputs ready"):  # they may be built into a shared cache
         tokenizer = tokenizer_lib.load(models.teacher)

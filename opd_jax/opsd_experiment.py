@@ -29,6 +29,7 @@ from opd_jax import (
     experiment,
     lora,
     reporting,
+    rollout,
     self_distill,
     train_checkpoint,
     trainer,
@@ -91,6 +92,7 @@ def run(workdir: str | pathlib.Path, title: str) -> list[dict[str, Any]]:
     )
     lora_cfg = lora.LoraConfig() if settings.use_lora else None
     rollout_sampling = experiment.RolloutSampling()
+    rollout.check_rollouts(cfg, rollout_sampling, on_policy_fraction=1.0)
     if schedule.batch_size % cfg.grad_accum:
         raise config.ConfigError(
             f"Schedule.batch_size={schedule.batch_size} is not a multiple of "

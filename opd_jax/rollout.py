@@ -7,20 +7,23 @@ sampled from the teacher (sequence-level KD). lambda is drawn per step by defaul
 the paper's Algorithm 1 (one coin per batch, so a step is wholly on- or off-policy);
 `per_example=True` draws one coin per row instead, which costs a rollout of both kinds
 every step. The coin comes from the train state's step key, so a resumed run makes the
-same draws.
+same draws. Rows the student sampled carry the sampler's recorded log-probs, which the
+sampled-token estimators need; `check_rollouts` refuses, before any compile, rollouts
+those estimators (or the RL term) cannot use.
 """
 
 from __future__ import annotations
 
 import dataclasses
+from typing import NamedTuple, Protocol
 
 import gin
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from opd_jax import sampling, sharding
-from opd_jax.distill import DistillBatch, TrainState, step_key
+from opd_jax import config, sampling, sharding
+from opd_jax.distill import DistillBatch, DistillConfig, TrainState, step_key
 from opd_jax.model import ModelConfig, Params
 
 FIXED_SOURCES = ("dataset", "teacher")
@@ -47,9 +50,74 @@ class MixtureConfig:
             )
 
 
-def _sampled(params, config, prompt_BxP, prompt_valid_BxP, key, sampling_cfg, mesh):
-    samples = sampling.sample(params, prompt_BxP, prompt_valid_BxP, key, config, sampling_cfg, mesh)
-    return samples.tokens_BxN, samples.mask_BxN
+class RolloutSettings(Protocol):
+    """The sampler settings `check_rollouts` reads (a SamplingConfig has them)."""
+
+    temperature: float
+    top_k: int
+    top_p: float
+
+
+def check_rollouts(
+    cfg: DistillConfig, settings: RolloutSettings, on_policy_fraction: float
+) -> None:
+    """Refuses at start-up, with one line, rollouts the configured update cannot use.
+
+    Sampled-token estimators (pg, k1, k3) need each token drawn from the student's whole
+    distribution. Another rollout temperature than the loss temperature keeps the
+    support, and the estimator corrects it with the importance weight
+    q_tau(y) / mu(y) (`losses.sampled_estimate`). Refused: greedy rollouts (a point mass
+    has no density to weigh by), top_k / top_p (tokens outside the cut are never drawn,
+    and no weight brings back their share of the expectation), and on_policy_fraction < 1
+    (dataset or teacher rows are not draws from the student). The RL term is REINFORCE
+    on the completions, so it too needs on_policy_fraction = 1.
+    """
+    if cfg.rl_alpha < 1.0 and on_policy_fraction < 1.0:
+        raise config.ConfigError(
+            f"DistillConfig.rl_alpha={cfg.rl_alpha} scores the student's own samples, but "
+            f"MixtureConfig.on_policy_fraction={on_policy_fraction} mixes in fixed rows: set it to 1"
+        )
+    if not cfg.objective.sampled:
+        return
+    needs = f"DistillConfig.estimator={cfg.estimator!r} needs rollouts from the student's whole distribution"
+    if on_policy_fraction < 1.0:
+        raise config.ConfigError(
+            f"{needs}, but MixtureConfig.on_policy_fraction={on_policy_fraction} mixes in "
+            "fixed rows: set it to 1, or use estimator='full'"
+        )
+    cuts = {
+        "temperature": settings.temperature == 0,
+        "top_k": settings.top_k > 0,
+        "top_p": settings.top_p < 1.0,
+    }
+    for name, cut in cuts.items():
+        if cut:
+            raise config.ConfigError(
+                f"{needs}, but rollout {name}={getattr(settings, name)} cuts it (greedy or "
+                "truncated sampling): sample with temperature > 0, top_k=0 and top_p=1, or "
+                "use estimator='full'"
+            )
+
+
+class _Completions(NamedTuple):
+    tokens_BxN: jax.Array
+    mask_BxN: jax.Array
+    sampler_logprob_BxN: jax.Array  # 0 in rows the current student did not sample
+    sampler_raw_logprob_BxN: jax.Array
+
+
+def _sampled(params, model_config, prompt_BxP, prompt_valid_BxP, key, sampling_cfg, mesh, own):
+    """Completions sampled from `params`; their log-probs kept only if `own` (the student's)."""
+    samples = sampling.sample(
+        params, prompt_BxP, prompt_valid_BxP, key, model_config, sampling_cfg, mesh
+    )
+    keep = (lambda x: x) if own else jnp.zeros_like
+    return _Completions(
+        samples.tokens_BxN,
+        samples.mask_BxN,
+        keep(samples.logprobs_BxN),
+        keep(samples.raw_logprobs_BxN),
+    )
 
 
 def make_rollout(
@@ -86,32 +154,38 @@ def make_rollout(
         prompts = (prompt_BxP, prompt_valid_BxP)
 
         def on_policy():
-            return _sampled(state.params, student_config, *prompts, student_key, sampling_cfg, mesh)
+            return _sampled(
+                state.params, student_config, *prompts, student_key, sampling_cfg, mesh, True
+            )
 
         def fixed():
             if mixture.fixed_source == "teacher":
                 return _sampled(
-                    teacher_params, teacher_config, *prompts, teacher_key, sampling_cfg, mesh
+                    teacher_params, teacher_config, *prompts, teacher_key, sampling_cfg, mesh, False
                 )
-            return target_BxN, target_valid_BxN.astype(jnp.float32)
+            zeros = jnp.zeros(target_BxN.shape, jnp.float32)
+            return _Completions(target_BxN, target_valid_BxN.astype(jnp.float32), zeros, zeros)
 
         if lam in (0.0, 1.0):  # static: compile only the branch that can run
             on_B = jnp.full((B,), lam == 1.0)
-            tokens_BxN, mask_BxN = on_policy() if lam == 1.0 else fixed()
+            completions = on_policy() if lam == 1.0 else fixed()
         elif mixture.per_example:
             on_B = jax.random.uniform(choice_key, (B,)) < lam
-            (s_tokens, s_mask), (f_tokens, f_mask) = on_policy(), fixed()
-            tokens_BxN = jnp.where(on_B[:, None], s_tokens, f_tokens)
-            mask_BxN = jnp.where(on_B[:, None], s_mask, f_mask)
+            completions = jax.tree.map(
+                lambda s, f: jnp.where(on_B[:, None], s, f), on_policy(), fixed()
+            )
         else:
             on = jax.random.uniform(choice_key) < lam
             on_B = jnp.full((B,), on)
-            tokens_BxN, mask_BxN = jax.lax.cond(on, on_policy, fixed)
+            completions = jax.lax.cond(on, on_policy, fixed)
         batch = DistillBatch(
             prompt_BxP=prompt_BxP,
             prompt_valid_BxP=prompt_valid_BxP,
-            completion_BxN=tokens_BxN,
-            completion_mask_BxN=mask_BxN,
+            completion_BxN=completions.tokens_BxN,
+            completion_mask_BxN=completions.mask_BxN,
+            sampler_logprob_BxN=completions.sampler_logprob_BxN,
+            sampler_raw_logprob_BxN=completions.sampler_raw_logprob_BxN,
+            on_policy_B=on_B,
         )
         return batch, on_B
 
@@ -128,10 +202,15 @@ def make_rollout(
 def group_advantages(rewards_B: np.ndarray, group_size: int, eps: float = 1e-6) -> np.ndarray:
     """(r - mean of its group) / (std of its group + eps), groups being consecutive rows
     that share a prompt. A group whose rewards are all equal gets zero advantage: it
-    carries no signal about which completion was better."""
+    carries no signal about which completion was better.
+
+    group_size = 1 (one completion per prompt) has no within-prompt baseline, and
+    normalizing each reward against itself would give zero everywhere; the rows given
+    then form one group, the baseline being their mean (GRPO's normalization across
+    prompts, blind to how hard each prompt is)."""
     rewards_B = np.asarray(rewards_B, np.float32)
     if group_size < 1 or rewards_B.shape[0] % group_size:
         raise ValueError(f"{rewards_B.shape[0]} rewards do not split into groups of {group_size}")
-    groups_GxS = rewards_B.reshape(-1, group_size)
+    groups_GxS = rewards_B.reshape(-1, group_size) if group_size > 1 else rewards_B[None]
     centered = groups_GxS - groups_GxS.mean(axis=1, keepdims=True)
     return (centered / (groups_GxS.std(axis=1, keepdims=True) + eps)).reshape(-1)

@@ -195,14 +195,14 @@ def make_update_step(
     teacher's prompts. Metrics as `distill.make_update_step`.
     """
 
-    def loss_sums(trainable, frozen, micro):
+    def loss_shares(trainable, frozen, micro, counts):
         base, ema = frozen
         student = student_weights(trainable, base, lora_cfg)
         teacher = teacher_weights(sd.teacher, trainable, base, ema, lora_cfg)
         terms = distill.per_token_terms(student, teacher, micro, config, config, cfg)
-        return distill.loss_sum(terms, micro, cfg)
+        return distill.loss_terms(terms, micro, cfg, counts)
 
-    inner = distill.make_update(loss_sums, cfg.grad_accum, optimizer)
+    inner = distill.make_update(loss_shares, cfg.grad_accum, optimizer)
 
     def update(state: TrainState, base: Params, batch: DistillBatch):
         if batch.teacher_prompt_BxQ is None:
@@ -238,6 +238,9 @@ def make_rollout(
             completion_mask_BxN=samples.mask_BxN,
             teacher_prompt_BxQ=teacher_BxQ,
             teacher_prompt_valid_BxQ=teacher_valid_BxQ,
+            sampler_logprob_BxN=samples.logprobs_BxN,
+            sampler_raw_logprob_BxN=samples.raw_logprobs_BxN,
+            on_policy_B=jnp.ones(prompt_BxP.shape[:1], bool),
         )
 
     return jax.jit(rollout)
