@@ -52,16 +52,19 @@ def _optimizer():
 
 
 def _gkd_functions(student_config, teacher_config, state, teacher_sharding, mesh, new_tokens):
-    """The jitted rollout and update of one GKD step with this mesh's shardings."""
-    from opd_jax import distill, parallel, rollout, sampling
+    """The run's jitted rollout and update of one GKD step with this mesh's shardings."""
+    from opd_jax import distill, gkd, sampling, update
+    from opd_jax import mesh as mesh_lib
 
     cfg = distill.DistillConfig(**CFG_KWARGS)
-    shardings = parallel.step_shardings(state, teacher_sharding, mesh)
+    roles = update.Roles(student_config, teacher_config)
+    frozen = {"teacher": teacher_sharding, "base": None}
+    placement = mesh_lib.Layout().placement(mesh)
+    shardings = update.step_shardings(state, frozen, placement)
     sample_cfg = sampling.SamplingConfig(max_new_tokens=new_tokens, temperature=1.0)
-    mixture = rollout.MixtureConfig(on_policy_fraction=1.0)
-    roll = rollout.make_rollout(student_config, teacher_config, mixture, sample_cfg, shardings)
-    update = distill.make_update_step(student_config, teacher_config, cfg, _optimizer(), shardings)
-    return roll, update
+    mixture = gkd.MixtureConfig(on_policy_fraction=1.0)
+    roll = update.make_rollout(roles, mixture, sample_cfg, shardings)
+    return roll, update.make_update_step(roles, cfg, _optimizer(), shardings)
 
 
 def _best_seconds(run: Callable[[], Any], repeats: int) -> float:
@@ -88,30 +91,34 @@ def _time_mesh(shape: tuple[int, int, int], host: tuple, new_tokens: int, repeat
     import jax
     import numpy as np
 
-    from opd_jax import model, parallel, sharding
+    from opd_jax import mesh as mesh_lib
+    from opd_jax import model, update
 
     teacher_config = model.ModelConfig(**TIMED_TEACHER)
     student_config = dataclasses.replace(teacher_config, n_layers=2)
-    mesh = sharding.make_mesh(shape, devices=jax.devices()[: int(np.prod(shape))])
-    teacher_sharding = parallel.param_shardings(teacher_config, mesh)
-    student_sharding = parallel.param_shardings(student_config, mesh)
-    teacher = parallel.place_params(
+    mesh = mesh_lib.make_mesh(shape, devices=jax.devices()[: int(np.prod(shape))])
+    placement = mesh_lib.Layout().placement(mesh)
+    teacher_sharding = placement.params(teacher_config)
+    student_sharding = placement.params(student_config)
+    teacher = mesh_lib.place_params(
         model.init_params(teacher_config, jax.random.key(1)), teacher_sharding
     )
-    student = parallel.place_params(
+    student = mesh_lib.place_params(
         model.init_params(student_config, jax.random.key(0)), student_sharding
     )
-    state = parallel.create_train_state(student, _optimizer(), 0, student_sharding)
-    roll, update = _gkd_functions(
+    roles = update.Roles(student_config, teacher_config)
+    state = update.create_state(roles, student, _optimizer(), 0, student_sharding)
+    roll, update_step = _gkd_functions(
         student_config, teacher_config, state, teacher_sharding, mesh, new_tokens
     )
-    arrays = parallel.global_batch(host, mesh, host[0].shape[0])
-    batch, _ = roll(state, teacher, *arrays)
-    roll_s = _best_seconds(lambda: roll(state, teacher, *arrays), repeats)
+    arrays = mesh_lib.global_batch((*host, *host[:2]), mesh, host[0].shape[0])
+    frozen = update.frozen_arrays(roles, student, teacher)
+    batch, _ = roll(state, frozen, *arrays)
+    roll_s = _best_seconds(lambda: roll(state, frozen, *arrays), repeats)
     holder = {"state": state}
 
     def one_update():
-        holder["state"], metrics = update(holder["state"], teacher, batch)
+        holder["state"], metrics = update_step(holder["state"], frozen, batch)
         return metrics
 
     return roll_s, _best_seconds(one_update, repeats)
@@ -174,18 +181,20 @@ def _memory_rows(config, mesh, batch: int, prompt_len: int, new_tokens: int) -> 
     import jax
     import jax.numpy as jnp
 
-    from opd_jax import distill, model, parallel, sharding
+    from opd_jax import distill, model, update
+    from opd_jax import mesh as mesh_lib
 
-    params_sharding = parallel.param_shardings(config, mesh)
+    params_sharding = mesh_lib.Layout().placement(mesh).params(config)
     abstract_params = jax.eval_shape(lambda: model.init_params(config, jax.random.key(0)))
     params = _abstract(abstract_params, params_sharding)
     optimizer = _optimizer()
     abstract_state = jax.eval_shape(lambda p: distill.init_train_state(p, optimizer, 0), params)
     state = _abstract(
-        abstract_state, parallel.state_shardings(abstract_state, optimizer, params_sharding)
+        abstract_state, update.state_shardings(abstract_state, optimizer, params_sharding)
     )
-    roll, update = _gkd_functions(config, config, state, params_sharding, mesh, new_tokens)
-    rows = sharding.batch_sharding(mesh)
+    roll, update_step = _gkd_functions(config, config, state, params_sharding, mesh, new_tokens)
+    frozen = {"teacher": params, "base": None}
+    rows = mesh_lib.batch_sharding(mesh)
     prompts = (
         jax.ShapeDtypeStruct((batch, prompt_len), jnp.int32, sharding=rows),
         jax.ShapeDtypeStruct((batch, prompt_len), bool, sharding=rows),
@@ -197,8 +206,8 @@ def _memory_rows(config, mesh, batch: int, prompt_len: int, new_tokens: int) -> 
     shape = tuple(mesh.shape.values())
     lines = []
     for name, jitted, inputs in (
-        ("rollout", roll, (state, params, *prompts, *targets)),
-        ("update", update, (state, params, distill.DistillBatch(*prompts, *targets))),
+        ("rollout", roll, (state, frozen, *prompts, *targets, *prompts)),
+        ("update", update_step, (state, frozen, distill.DistillBatch(*prompts, *targets))),
     ):
         try:
             stats = jitted.lower(*inputs).compile().memory_analysis()
@@ -224,7 +233,8 @@ def memory(meshes: Sequence[tuple[int, int, int]], args: argparse.Namespace) -> 
 
     import jax
 
-    from opd_jax import model, sharding
+    from opd_jax import mesh as mesh_lib
+    from opd_jax import model
 
     devices, where = _topology_devices(args.topology)
     config = model.ModelConfig(**LLAMA_1B, rope=model.RopeConfig(theta=500000.0))
@@ -241,7 +251,7 @@ def memory(meshes: Sequence[tuple[int, int, int]], args: argparse.Namespace) -> 
     )
     print("|---|---|---:|---:|---:|---:|")
     for shape in meshes:
-        mesh = sharding.make_mesh(shape, devices=devices)
+        mesh = mesh_lib.make_mesh(shape, devices=devices)
         for line in _memory_rows(config, mesh, args.batch, args.prompt_len, args.new_tokens):
             print(line, flush=True)
 

@@ -25,7 +25,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from opd_jax import assets, checkpoints, distill, model, rollout, sampling
+from opd_jax import assets, checkpoints, distill, gkd, model, sampling
+from opd_jax import update as update_lib
 
 MODEL = "smollm2-135m-instruct"
 
@@ -60,11 +61,10 @@ def main() -> None:
     prompt_valid = jnp.ones(prompt.shape, bool)
     target = jnp.zeros((args.batch, args.new_tokens), jnp.int32)
     target_valid = jnp.ones(target.shape, bool)
-    inputs = (prompt, prompt_valid, target, target_valid)
+    inputs = (prompt, prompt_valid, target, target_valid, prompt, prompt_valid)
     sample_cfg = sampling.SamplingConfig(max_new_tokens=args.new_tokens)  # no EOS: full length
-    roll = rollout.make_rollout(
-        student_config, teacher_config, rollout.MixtureConfig(1.0), sample_cfg
-    )
+    roles = update_lib.Roles(student_config, teacher_config)
+    roll = update_lib.make_rollout(roles, gkd.MixtureConfig(1.0), sample_cfg)
 
     @jax.jit
     def teacher_forward(params, batch: distill.DistillBatch) -> jax.Array:
@@ -127,15 +127,15 @@ def _measure(
     """Seconds of the rollout, the teacher forward and the whole update; update temp MiB."""
     cfg = distill.DistillConfig(divergence="jsd", vocab_chunk=chunk)
     optimizer = distill.make_optimizer(cfg, total_steps=1000)
-    update = distill.make_update_step(student_config, teacher_config, cfg, optimizer)
+    roles = update_lib.Roles(student_config, teacher_config)
+    update = update_lib.make_update_step(roles, cfg, optimizer)
     state = distill.init_train_state(student_params, optimizer, seed=0)
-    batch, _ = roll(state, teacher_params, *inputs)
+    frozen = update_lib.frozen_arrays(roles, student_params, teacher_params)
+    batch, _ = roll(state, frozen, *inputs)
     copy_s = _best_seconds(lambda: jax.tree.map(jnp.copy, state), repeats)
-    update_s = _best_seconds(
-        lambda: update(jax.tree.map(jnp.copy, state), teacher_params, batch), repeats
-    )
-    memory = update.lower(state, teacher_params, batch).compile().memory_analysis()
-    sampling_s = _best_seconds(lambda: roll(state, teacher_params, *inputs), repeats)
+    update_s = _best_seconds(lambda: update(jax.tree.map(jnp.copy, state), frozen, batch), repeats)
+    memory = update.lower(state, frozen, batch).compile().memory_analysis()
+    sampling_s = _best_seconds(lambda: roll(state, frozen, *inputs), repeats)
     teacher_s = _best_seconds(lambda: teacher_forward(teacher_params, batch), repeats)
     update_s -= copy_s  # the copy only keeps the donated state alive between repeats
     return {

@@ -11,10 +11,9 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import itertools
 import os
 import pathlib
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any, Protocol
 
 import numpy as np
@@ -305,11 +304,3 @@ def batch_at(
     epoch = step * spec.batch_size // len(split)
     references = tuple(e["target"] for e in examples)
     return Batch(step, epoch, indices_B, *arrays, references, examples)
-
-
-def iterate_batches(
-    split: Split, tokenizer: Tokenizer, spec: BatchSpec, seed: int, start_step: int = 0
-) -> Iterator[Batch]:
-    """Endless batches from `start_step` on, over as many epochs as the caller takes."""
-    for step in itertools.count(start_step):
-        yield batch_at(split, tokenizer, spec, seed, step)

@@ -1,18 +1,20 @@
-"""The GKD train state and the jitted update step.
+"""The distillation objective on a batch, and the update machinery every step shares.
 
-The student's params and optimizer state live in a `TrainState`; the teacher's params
-sit beside it, frozen, and are never checkpointed. One jitted function runs the
-teacher forward, the student forward and backward, the loss, and the optax update,
-with the state's buffers donated. Gradient accumulation scans over micro-batches and
-normalizes by the real-token count of the whole batch, so k micro-batches give the
-same update as one big batch.
+`DistillConfig` chooses the objective; `per_token_terms` runs the teacher and student
+forwards over a batch's completions and `loss_terms` reduces them to the loss and the
+metrics. The student's params and optimizer state live in a `TrainState`; frozen params
+(a teacher, a LoRA base) sit beside it and are never checkpointed. `make_update` runs
+the loss's gradient and the optax update with a NaN guard; `update.make_update_step`
+builds the run's step from it, `make_sft_step` the supervised fine-tuning step. Gradient accumulation scans over micro-batches, each
+contributing its share of the whole batch's means (per token, per sequence), so k
+micro-batches give the same update as one big batch.
 """
 
 from __future__ import annotations
 
 import dataclasses
 from collections.abc import Callable
-from typing import Any
+from typing import Any, NamedTuple
 
 import flax.struct
 import gin
@@ -29,15 +31,21 @@ from opd_jax.model import ModelConfig, Params
 class DistillConfig:
     """What the update step optimizes; every field is a gin parameter of `DistillConfig`.
 
-    divergence: "forward_kl" | "reverse_kl" | "jsd" (full vocabulary), or
-      "sampled_reverse_kl" (the per-token reward log p_teacher - log q_student at the
-      sampled token, trained with a policy-gradient surrogate).
-    beta: JSD mixing weight; 0 and 1 are forward and reverse KL (see `losses`).
+    The objective is two orthogonal choices (`losses.Objective`, which checks them):
+    divergence: WHAT is minimized, "forward_kl" | "reverse_kl" | "jsd"; beta: the JSD's
+      mixing weight, 0 and 1 being forward and reverse KL.
+    estimator: HOW, "full" (exact, every vocabulary entry) | "teacher_topk" (the
+      teacher's `top_k` tokens + a tail bucket) | "student_topk" (reverse KL over the
+      student's `top_k` tokens, in `topk_form`: "stopgrad" | "renormalized" |
+      "unnormalized") | "pg" | "k1" | "k3" (reverse KL from the sampled token,
+      importance-weighted by the rollout's recorded log-probs; see
+      `losses.sampled_estimate` and `gkd.check_rollouts` for the rollouts they accept).
     temperature: applied to teacher and student logits alike inside the loss.
-    vocab_chunk: positions per chunk when computing full-vocabulary divergences; 0
+    vocab_chunk: positions per chunk when computing full-vocabulary values; 0
       materializes all logits at once (fastest for small models, most memory).
-    rl_alpha: the weight of the divergence when a task reward is combined with it:
-      loss = (1 - rl_alpha) * policy-gradient loss + rl_alpha * divergence.
+    rl_alpha: GKD's alpha, the weight of the divergence when a task reward is combined
+      with it (batches carrying advantages): loss = (1 - rl_alpha) * reward term +
+      rl_alpha * divergence estimate (see `loss_terms` for their common scale).
     remat: recompute each layer's activations in the backward pass instead of keeping
       them: activation memory of one layer rather than all, for one more forward. Large
       models need it; on a 2-core CPU, SmolLM2-135M at 4 x 320 tokens, turning it off
@@ -46,6 +54,9 @@ class DistillConfig:
 
     divergence: str = "jsd"
     beta: float = 0.5
+    estimator: str = "full"
+    top_k: int = 0
+    topk_form: str = "stopgrad"
     temperature: float = 1.0
     vocab_chunk: int = 0
     rl_alpha: float = 1.0
@@ -57,12 +68,22 @@ class DistillConfig:
     remat: bool = True
 
     def __post_init__(self):
-        if self.divergence not in losses.FULL_VOCAB_KINDS + ("sampled_reverse_kl",):
-            raise ValueError(f"divergence {self.divergence!r} is not supported")
+        _ = self.objective  # checks the objective's fields
         if not 0.0 <= self.rl_alpha <= 1.0:
             raise ValueError(f"rl_alpha must be in [0, 1], got {self.rl_alpha}")
         if self.grad_accum < 1:
             raise ValueError(f"grad_accum must be >= 1, got {self.grad_accum}")
+
+    @property
+    def objective(self) -> losses.Objective:
+        return losses.Objective(
+            divergence=self.divergence,
+            beta=self.beta,
+            estimator=self.estimator,
+            top_k=self.top_k,
+            topk_form=self.topk_form,
+            temperature=self.temperature,
+        )
 
 
 @flax.struct.dataclass
@@ -82,7 +103,12 @@ class DistillBatch:
 
     The teacher may read a different prompt (self-distillation adds privileged
     context); the completion is the same for both and is scored position by position.
-    `advantage_B` carries the group-normalized task reward when RL is combined.
+    `advantage_B` carries the normalized task reward when RL is combined.
+    What the rollout sampler recorded, for rows it drew from the current student
+    (`on_policy_B`; 0 in the other rows): `sampler_logprob_BxN`, each token's log-prob
+    under the distribution that drew it (after the rollout's temperature and filters),
+    which the sampled-token estimators weigh against; `sampler_raw_logprob_BxN`, under
+    the unfiltered policy at temperature 1, which the learner should reproduce.
     """
 
     prompt_BxP: jax.Array
@@ -92,6 +118,9 @@ class DistillBatch:
     teacher_prompt_BxQ: jax.Array | None = None
     teacher_prompt_valid_BxQ: jax.Array | None = None
     advantage_B: jax.Array | None = None
+    sampler_logprob_BxN: jax.Array | None = None
+    sampler_raw_logprob_BxN: jax.Array | None = None
+    on_policy_B: jax.Array | None = None
 
 
 class VocabMismatchError(ValueError):
@@ -178,7 +207,7 @@ def per_token_terms(
     cfg: DistillConfig,
     logits_sharding: Any = None,
 ) -> dict[str, jax.Array]:
-    """Per-token divergence, token log-probs and entropies, each [B, N]."""
+    """`losses.token_statistics` of the batch's completions, each [B, N]."""
     mask = batch.completion_mask_BxN
     student_hidden = completion_hidden(
         student_params,
@@ -206,36 +235,97 @@ def per_token_terms(
         student_hidden,
         model.lm_head(student_params, student_config),
         batch.completion_BxN,
-        kind=cfg.divergence if cfg.divergence in losses.FULL_VOCAB_KINDS else "reverse_kl",
-        beta=cfg.beta,
-        temperature=cfg.temperature,
+        cfg.objective,
+        sampler_logprob_BxT=batch.sampler_logprob_BxN,
+        valid_BxT=mask,
         chunk_size=cfg.vocab_chunk,
         logits_sharding=logits_sharding,
     )
 
 
-def loss_sum(
-    terms: dict[str, jax.Array], batch: DistillBatch, cfg: DistillConfig
+class BatchCounts(NamedTuple):
+    """The whole batch's normalizers, shared by its micro-batches."""
+
+    tokens: jax.Array  # real completion tokens
+    sequences: jax.Array  # rows with at least one real completion token
+    sampled_tokens: jax.Array  # real completion tokens of rows the student sampled
+
+
+def _sampled_mask(batch: DistillBatch) -> jax.Array:
+    """The completion mask of the rows the current student sampled; zeros without any."""
+    mask_BxN = batch.completion_mask_BxN.astype(jnp.float32)
+    if batch.on_policy_B is None:
+        return jnp.zeros_like(mask_BxN)
+    return mask_BxN * batch.on_policy_B.astype(jnp.float32)[:, None]
+
+
+def batch_counts(batch: DistillBatch) -> BatchCounts:
+    """Counts of the whole batch, each at least 1 so an empty one divides safely."""
+    mask_BxN = batch.completion_mask_BxN.astype(jnp.float32)
+    at_least_one = lambda x: jnp.maximum(x, 1.0)
+    return BatchCounts(
+        tokens=at_least_one(jnp.sum(mask_BxN)),
+        sequences=at_least_one(jnp.sum(jnp.any(mask_BxN > 0, axis=1).astype(jnp.float32))),
+        sampled_tokens=at_least_one(jnp.sum(_sampled_mask(batch))),
+    )
+
+
+def reward_term(
+    advantage_B: jax.Array,
+    student_logprob_BxN: jax.Array,
+    mask_BxN: jax.Array,
+    num_sequences: jax.Array,
+) -> jax.Array:
+    """-(1/S) sum_b A_b sum_t log q(y_bt): REINFORCE for the mean task reward per sequence.
+
+    Its gradient is the policy gradient of E[r(y)], the sequence's reward, which is what
+    GKD's RL objective (1 - alpha) E[r(y)] - alpha E[D(y)] weighs against the divergence D,
+    itself a per-token mean. Both are then per-sequence quantities whose size does not
+    grow with completion length; averaging log q over a sequence's tokens instead would
+    optimize E[r] / length, making the reward's weight fall as completions lengthen.
+    S counts the whole batch's sequences, so micro-batch terms add up to the batch's.
+    """
+    logprob_B = jnp.sum(jnp.where(mask_BxN.astype(bool), student_logprob_BxN, 0.0), axis=1)
+    return -jnp.sum(jax.lax.stop_gradient(advantage_B) * logprob_B) / num_sequences
+
+
+def _logprob_mismatch(
+    terms: dict[str, jax.Array], batch: DistillBatch, counts: BatchCounts
+) -> jax.Array:
+    """Share of mean |sampler raw log-prob - learner log-prob at temperature 1| over the
+    tokens the student sampled: nonzero means sampler and learner are not one policy."""
+    if batch.sampler_raw_logprob_BxN is None:
+        return jnp.zeros((), jnp.float32)
+    gap_BxN = jnp.abs(batch.sampler_raw_logprob_BxN - terms["student_raw_logprob"])
+    return losses.masked_mean(
+        jax.lax.stop_gradient(gap_BxN), _sampled_mask(batch), counts.sampled_tokens
+    )
+
+
+def loss_terms(
+    terms: dict[str, jax.Array], batch: DistillBatch, cfg: DistillConfig, counts: BatchCounts
 ) -> dict[str, jax.Array]:
-    """Sums over real tokens of each loss term (normalized later by the batch's count)."""
-    mask = batch.completion_mask_BxN.astype(jnp.float32)
-    if cfg.divergence == "sampled_reverse_kl":
-        reward = terms["teacher_logprob"] - terms["student_logprob"]
-        divergence = losses.policy_gradient_loss(reward, terms["student_logprob"])
-    else:
-        divergence = terms["divergence"]
-    sums = {"divergence": jnp.sum(divergence * mask)}
+    """This (micro-)batch's shares of the whole batch's loss and metrics.
+
+    "loss" is optimized: the estimator's per-token mean ("divergence_estimate") or, with
+    advantages, (1 - rl_alpha) * `reward_term` + rl_alpha * that. "divergence" is always
+    the exact full-vocabulary value of cfg.divergence, never a surrogate.
+    """
+    mask = batch.completion_mask_BxN
+    token_mean = lambda values: losses.masked_mean(values, mask, counts.tokens)
+    shares = {"divergence_estimate": token_mean(terms["estimate"])}
+    for name in ("divergence", "forward_kl", "reverse_kl", "teacher_entropy", "student_entropy"):
+        shares[name] = token_mean(jax.lax.stop_gradient(terms[name]))
+    shares["logprob_mismatch"] = _logprob_mismatch(terms, batch, counts)
+    shares["loss"] = shares["divergence_estimate"]
     if batch.advantage_B is not None:
-        pg = -jax.lax.stop_gradient(batch.advantage_B)[:, None] * terms["student_logprob"]
-        sums["policy_gradient"] = jnp.sum(pg * mask)
-        sums["loss"] = (1 - cfg.rl_alpha) * sums["policy_gradient"] + cfg.rl_alpha * sums[
-            "divergence"
+        shares["policy_gradient"] = reward_term(
+            batch.advantage_B, terms["student_logprob"], mask, counts.sequences
+        )
+        shares["loss"] = (1 - cfg.rl_alpha) * shares["policy_gradient"] + cfg.rl_alpha * shares[
+            "loss"
         ]
-    else:
-        sums["loss"] = sums["divergence"]
-    for name in ("forward_kl", "reverse_kl", "teacher_entropy", "student_entropy"):
-        sums[name] = jnp.sum(jax.lax.stop_gradient(terms[name]) * mask)
-    return sums
+    return shares
 
 
 def _split_micro(batch: DistillBatch, k: int) -> DistillBatch:
@@ -247,37 +337,38 @@ def _split_micro(batch: DistillBatch, k: int) -> DistillBatch:
     return jax.tree.map(split, batch)
 
 
-# loss_sums(params, frozen, micro_batch) -> {"loss": sum over real tokens, other sums...}
-LossSums = Callable[[Params, Any, DistillBatch], dict[str, jax.Array]]
+# loss_shares(params, frozen, micro_batch, counts) -> {"loss": ..., other metrics...}, each
+# the micro-batch's share of a whole-batch mean (normalized by `counts`).
+LossShares = Callable[[Params, Any, DistillBatch, BatchCounts], dict[str, jax.Array]]
 
 
-def make_update(loss_sums: LossSums, grad_accum: int, optimizer: optax.GradientTransformation):
-    """The shared update, unjitted (a caller may wrap it): gradients of loss_sums / (real
-    tokens in the whole batch), accumulated over `grad_accum` micro-batches, then one optax
-    update. A non-finite loss or gradient keeps the old params and optimizer state (the host
-    raises on `finite`)."""
-
-    def micro_grads(params, frozen, micro: DistillBatch, num_tokens):
-        def scaled_loss(p):
-            sums = loss_sums(p, frozen, micro)
-            return sums["loss"] / num_tokens, sums
-
-        return jax.grad(scaled_loss, has_aux=True)(params)
+def make_update(loss_shares: LossShares, grad_accum: int, optimizer: optax.GradientTransformation):
+    """The shared update, unjitted (a caller may wrap it): gradients of the loss summed
+    over `grad_accum` micro-batches, each normalized by the whole batch's counts, then one
+    optax update. A non-finite loss or gradient keeps the old params and optimizer state
+    (the host raises on `finite`)."""
 
     def update(state: TrainState, frozen: Any, batch: DistillBatch):
-        num_tokens = jnp.maximum(jnp.sum(batch.completion_mask_BxN.astype(jnp.float32)), 1.0)
+        counts = batch_counts(batch)
         micro_batches = _split_micro(batch, grad_accum)
         first = jax.tree.map(lambda x: x[0], micro_batches)
-        grads_and_sums = lambda micro: micro_grads(state.params, frozen, micro, num_tokens)
-        zeros = jax.tree.map(jnp.zeros_like, jax.eval_shape(grads_and_sums, first))
+
+        def grads_and_shares(micro: DistillBatch):
+            def loss(params):
+                shares = loss_shares(params, frozen, micro, counts)
+                return shares["loss"], shares
+
+            return jax.grad(loss, has_aux=True)(state.params)
+
+        zeros = jax.tree.map(jnp.zeros_like, jax.eval_shape(grads_and_shares, first))
 
         def accumulate(carry, micro):
-            return jax.tree.map(jnp.add, carry, grads_and_sums(micro)), None
+            return jax.tree.map(jnp.add, carry, grads_and_shares(micro)), None
 
-        (grads, sums), _ = jax.lax.scan(accumulate, zeros, micro_batches)
+        (grads, metrics), _ = jax.lax.scan(accumulate, zeros, micro_batches)
 
-        metrics = {name: value / num_tokens for name, value in sums.items()}
-        metrics["num_tokens"] = num_tokens
+        metrics = dict(metrics)
+        metrics["num_tokens"] = counts.tokens
         metrics["grad_norm"] = optax.global_norm(grads)
         finite = jnp.isfinite(metrics["loss"]) & jnp.isfinite(metrics["grad_norm"])
         metrics["finite"] = finite
@@ -296,14 +387,14 @@ def make_update(loss_sums: LossSums, grad_accum: int, optimizer: optax.GradientT
 
 
 def _make_step(
-    loss_sums: LossSums,
+    loss_shares: LossShares,
     grad_accum: int,
     optimizer: optax.GradientTransformation,
     shardings: mesh.StepShardings | None,
 ):
     """`make_update` jitted with the state donated. With `shardings` the state keeps its
     layout from step to step and metrics come back replicated."""
-    update = make_update(loss_sums, grad_accum, optimizer)
+    update = make_update(loss_shares, grad_accum, optimizer)
     if shardings is None:
         return jax.jit(update, donate_argnums=0)
     return jax.jit(
@@ -312,31 +403,6 @@ def _make_step(
         in_shardings=(shardings.state, shardings.frozen, shardings.batch),
         out_shardings=(shardings.state, mesh.replicated(shardings.mesh)),
     )
-
-
-def make_update_step(
-    student_config: ModelConfig,
-    teacher_config: ModelConfig,
-    cfg: DistillConfig,
-    optimizer: optax.GradientTransformation,
-    shardings: mesh.StepShardings | None = None,
-):
-    """update(state, teacher_params, batch) -> (state, metrics), jitted, state donated.
-
-    Metrics are means over the batch's real completion tokens: loss, divergence,
-    forward_kl, reverse_kl, teacher_entropy, student_entropy (and policy_gradient when
-    the batch carries advantages), plus num_tokens, grad_norm and finite.
-    """
-    check_vocab(teacher_config, student_config)
-    logits = None if shardings is None else shardings.logits
-
-    def loss_sums(params, teacher_params, micro):
-        terms = per_token_terms(
-            params, teacher_params, micro, student_config, teacher_config, cfg, logits
-        )
-        return loss_sum(terms, micro, cfg)
-
-    return _make_step(loss_sums, cfg.grad_accum, optimizer, shardings)
 
 
 def make_sft_step(
@@ -354,8 +420,7 @@ def make_sft_step(
     """
     pinned = None if shardings is None else shardings.logits
 
-    def loss_sums(params, _, micro):
-        mask = micro.completion_mask_BxN.astype(jnp.float32)
+    def loss_shares(params, _, micro, counts):
         hidden = completion_hidden(
             params,
             config,
@@ -366,10 +431,10 @@ def make_sft_step(
             remat=remat,
         )
         logits = mesh.constrain(model.logits_from_hidden(params, hidden, config), pinned)
-        nll = -losses.token_logprobs(logits, micro.completion_BxN) * mask
-        return {"loss": jnp.sum(nll)}
+        nll = -losses.token_logprobs(logits, micro.completion_BxN)
+        return {"loss": losses.masked_mean(nll, micro.completion_mask_BxN, counts.tokens)}
 
-    return _make_step(loss_sums, grad_accum, optimizer, shardings)
+    return _make_step(loss_shares, grad_accum, optimizer, shardings)
 
 
 class NonFiniteLossError(FloatingPointError):

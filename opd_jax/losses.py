@@ -1,8 +1,15 @@
-"""Token-level distillation losses as pure functions of logits (no model inside).
+"""Token-level distillation objectives as pure functions of log-probs (no model inside).
 
 Teacher P and student Q are the softmaxes of teacher and student logits divided by one
-loss temperature. Per-token functions take [..., V] logits (usually [B, T, V]) and
-return one value per position; `masked_mean` reduces them over real tokens.
+loss temperature. An `Objective` makes two orthogonal choices: the divergence that is
+minimized (forward KL, reverse KL or the generalized JSD) and the estimator of it:
+  full          the exact divergence over the whole vocabulary;
+  teacher_topk  the teacher's top-k tokens plus one tail bucket (a lower bound);
+  student_topk  reverse KL restricted to the student's top-k tokens;
+  pg, k1, k3    reverse KL from the sampled token alone, importance-weighted to the
+                loss distribution with the sampler's recorded log-prob.
+`token_statistics` computes the chosen estimate per position together with the exact
+divergence and the other metrics in one chunked pass over the vocabulary.
 
 Conventions:
 - The teacher is a fixed target: its side is under stop_gradient everywhere.
@@ -13,12 +20,14 @@ Conventions:
   whose 0 * inf terms would turn values or gradients into NaN.
 
 Full-vocabulary divergences follow GKD (Agarwal et al., ICLR 2024) and TRL's generalized
-JSD; the sampled-token functions follow the later on-policy distillation work, where the
-student samples y_t and is rewarded with log p_teacher(y_t) - log q_student(y_t).
+JSD; the sampled-token estimators follow the later on-policy distillation work, where the
+student samples y_t and is rewarded with log p_teacher(y_t) - log q_student(y_t), and
+Schulman's "Approximating KL Divergence" (2020) for k1 and k3.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from collections.abc import Callable
 from typing import Any
@@ -28,7 +37,11 @@ import jax.numpy as jnp
 
 from opd_jax import mesh
 
-FULL_VOCAB_KINDS = ("forward_kl", "reverse_kl", "jsd")
+DIVERGENCES = ("forward_kl", "reverse_kl", "jsd")
+ESTIMATORS = ("full", "teacher_topk", "student_topk", "pg", "k1", "k3")
+SAMPLED_ESTIMATORS = ("pg", "k1", "k3")
+TOPK_ESTIMATORS = ("teacher_topk", "student_topk")
+REVERSE_KL_ESTIMATORS = ("student_topk", *SAMPLED_ESTIMATORS)
 TOPK_FORMS = ("stopgrad", "renormalized", "unnormalized")
 
 # Below this, 1 - sum(top-k teacher probs) is float32 rounding, not information.
@@ -42,12 +55,70 @@ def _check_temperature(temperature: float) -> None:
         raise ValueError(f"temperature must be > 0, got {temperature}")
 
 
-def _check_divergence_args(kind: str, beta: float, temperature: float) -> None:
-    if kind not in FULL_VOCAB_KINDS:
-        raise ValueError(f"unknown divergence kind {kind!r}; expected one of {FULL_VOCAB_KINDS}")
+def _check_divergence_args(kind: str, beta: float) -> None:
+    if kind not in DIVERGENCES:
+        raise ValueError(f"divergence={kind!r} is not one of {DIVERGENCES}")
     if not 0.0 <= beta <= 1.0:
         raise ValueError(f"beta must be in [0, 1], got {beta}")
-    _check_temperature(temperature)
+
+
+def _resolve_kind(kind: str, beta: float) -> str:
+    """jsd at beta = 0 / 1 is forward / reverse KL (see `token_divergence`)."""
+    if kind == "jsd" and beta == 0.0:
+        return "forward_kl"
+    if kind == "jsd" and beta == 1.0:
+        return "reverse_kl"
+    return kind
+
+
+@dataclasses.dataclass(frozen=True)
+class Objective:
+    """What a distillation step minimizes, and how its gradient is estimated.
+
+    divergence: "forward_kl" | "reverse_kl" | "jsd", with `beta` the JSD's mixing weight
+      (0 and 1 are forward and reverse KL, see `token_divergence`).
+    estimator: one of ESTIMATORS (module docstring). student_topk, pg, k1 and k3 estimate
+      reverse KL only; teacher_topk and student_topk use `top_k` tokens, student_topk in
+      `topk_form` (see `student_topk_reverse_kl`).
+    temperature: divides teacher and student logits alike.
+    Every check runs here, so a bad combination fails when the config is built.
+    """
+
+    divergence: str = "jsd"
+    beta: float = 0.5
+    estimator: str = "full"
+    top_k: int = 0
+    topk_form: str = "stopgrad"
+    temperature: float = 1.0
+
+    def __post_init__(self):
+        _check_divergence_args(self.divergence, self.beta)
+        _check_temperature(self.temperature)
+        if self.estimator not in ESTIMATORS:
+            raise ValueError(f"estimator={self.estimator!r} is not one of {ESTIMATORS}")
+        if self.estimator in REVERSE_KL_ESTIMATORS and self.kind != "reverse_kl":
+            valid = tuple(e for e in ESTIMATORS if e not in REVERSE_KL_ESTIMATORS)
+            raise ValueError(
+                f"estimator={self.estimator!r} estimates reverse KL only: it needs "
+                f"divergence='reverse_kl' (or 'jsd' with beta=1); with divergence="
+                f"{self.divergence!r} and beta={self.beta} the valid estimators are {valid}"
+            )
+        if self.estimator in TOPK_ESTIMATORS and self.top_k < 1:
+            raise ValueError(
+                f"top_k must be >= 1 with estimator={self.estimator!r}, got {self.top_k}"
+            )
+        if self.topk_form not in TOPK_FORMS:
+            raise ValueError(f"topk_form={self.topk_form!r} is not one of {TOPK_FORMS}")
+
+    @property
+    def kind(self) -> str:
+        """The divergence with jsd's limits resolved to forward / reverse KL."""
+        return _resolve_kind(self.divergence, self.beta)
+
+    @property
+    def sampled(self) -> bool:
+        """Whether the estimate reads the sampled token (and so the sampler's log-prob)."""
+        return self.estimator in SAMPLED_ESTIMATORS
 
 
 # ----------------------------------------------------------------------- primitives
@@ -97,80 +168,36 @@ def _jsd(logp_BxTxV: jax.Array, logq_BxTxV: jax.Array, beta: float) -> jax.Array
     )
 
 
-def _resolve_kind(kind: str, beta: float) -> str:
-    """jsd at beta = 0 / 1 is forward / reverse KL (see `jsd`)."""
-    if kind == "jsd" and beta == 0.0:
-        return "forward_kl"
-    if kind == "jsd" and beta == 1.0:
-        return "reverse_kl"
-    return kind
+def _take(logprobs_BxTxV: jax.Array, tokens_BxT: jax.Array) -> jax.Array:
+    return jnp.take_along_axis(logprobs_BxTxV, tokens_BxT[..., None], axis=-1)[..., 0]
 
 
-def _divergence(
-    teacher_logprobs_BxTxV: jax.Array, student_logprobs_BxTxV: jax.Array, kind: str, beta: float
-) -> jax.Array:
-    """The divergence `kind` between two normalized log-prob vectors (teacher first)."""
-    kind = _resolve_kind(kind, beta)
-    if kind == "forward_kl":
-        return _kl(teacher_logprobs_BxTxV, student_logprobs_BxTxV)
-    if kind == "reverse_kl":
-        return _kl(student_logprobs_BxTxV, teacher_logprobs_BxTxV)
-    return _jsd(teacher_logprobs_BxTxV, student_logprobs_BxTxV, beta)
-
-
-# ----------------------------------------------------------- full-vocabulary losses
-
-
-def forward_kl(
-    teacher_logits_BxTxV: jax.Array, student_logits_BxTxV: jax.Array, temperature: float = 1.0
-) -> jax.Array:
-    """KL(P||Q) per position: mode-covering, the supervised-KD loss."""
-    return token_divergence(
-        teacher_logits_BxTxV, student_logits_BxTxV, "forward_kl", 0.5, temperature
-    )
-
-
-def reverse_kl(
-    teacher_logits_BxTxV: jax.Array, student_logits_BxTxV: jax.Array, temperature: float = 1.0
-) -> jax.Array:
-    """KL(Q||P) per position: mode-seeking, the on-policy distillation loss."""
-    return token_divergence(
-        teacher_logits_BxTxV, student_logits_BxTxV, "reverse_kl", 0.5, temperature
-    )
-
-
-def jsd(
-    teacher_logits_BxTxV: jax.Array,
-    student_logits_BxTxV: jax.Array,
-    beta: float = 0.5,
-    temperature: float = 1.0,
-) -> jax.Array:
-    """Generalized JSD(beta) = beta KL(P||M) + (1-beta) KL(Q||M), M = beta P + (1-beta) Q.
-
-    JSD(beta) itself tends to 0 at both ends, but JSD/beta -> KL(P||Q) as beta -> 0 and
-    JSD/(1-beta) -> KL(Q||P) as beta -> 1. Following GKD and TRL, beta = 0 is therefore
-    defined as forward KL and beta = 1 as reverse KL (exactly those functions), so one
-    knob sweeps forward KL -> JSD -> reverse KL.
-    """
-    return token_divergence(teacher_logits_BxTxV, student_logits_BxTxV, "jsd", beta, temperature)
+# ----------------------------------------------------------- full-vocabulary values
 
 
 def token_divergence(
-    teacher_logits_BxTxV: jax.Array,
-    student_logits_BxTxV: jax.Array,
+    teacher_logprobs_BxTxV: jax.Array,
+    student_logprobs_BxTxV: jax.Array,
     kind: str,
     beta: float = 0.5,
-    temperature: float = 1.0,
 ) -> jax.Array:
-    """Per-position divergence [B, T], kind in FULL_VOCAB_KINDS; beta is used by "jsd".
+    """The exact divergence `kind` per position, [B, T], between normalized log-probs.
 
-    The temperature divides teacher and student logits alike; beta and temperature are
-    Python numbers (checked eagerly, ValueError when out of range).
+    forward_kl = KL(P||Q) is mode-covering (supervised KD); reverse_kl = KL(Q||P) is
+    mode-seeking (on-policy distillation); jsd is the generalized JSD(beta) =
+    beta KL(P||M) + (1-beta) KL(Q||M), M = beta P + (1-beta) Q. JSD(beta) itself tends to 0
+    at both ends, but JSD/beta -> KL(P||Q) as beta -> 0 and JSD/(1-beta) -> KL(Q||P) as
+    beta -> 1, so, following GKD and TRL, beta = 0 is defined as forward KL and beta = 1
+    as reverse KL (exactly those values), and one knob sweeps forward KL -> reverse KL.
     """
-    _check_divergence_args(kind, beta, temperature)
-    logp_BxTxV = log_probs(jax.lax.stop_gradient(teacher_logits_BxTxV), temperature)
-    logq_BxTxV = log_probs(student_logits_BxTxV, temperature)
-    return _divergence(logp_BxTxV, logq_BxTxV, kind, beta)
+    _check_divergence_args(kind, beta)
+    logp_BxTxV = jax.lax.stop_gradient(teacher_logprobs_BxTxV)
+    kind = _resolve_kind(kind, beta)
+    if kind == "forward_kl":
+        return _kl(logp_BxTxV, student_logprobs_BxTxV)
+    if kind == "reverse_kl":
+        return _kl(student_logprobs_BxTxV, logp_BxTxV)
+    return _jsd(logp_BxTxV, student_logprobs_BxTxV, beta)
 
 
 def masked_mean(
@@ -191,7 +218,162 @@ def masked_mean(
     return total / num_tokens
 
 
-# ------------------------------------------------- chunked LM head + divergence
+# ------------------------------------------------------- teacher top-k + tail bucket
+
+
+def _check_k(k: int, vocab: int, allow_full: bool) -> None:
+    upper = vocab if allow_full else vocab - 1
+    if not 1 <= k <= upper:
+        raise ValueError(f"top_k must be in [1, {upper}] for a vocabulary of {vocab}, got {k}")
+
+
+def teacher_topk_divergence(
+    teacher_logprobs_BxTxV: jax.Array,
+    student_logprobs_BxTxV: jax.Array,
+    k: int,
+    kind: str = "forward_kl",
+    beta: float = 0.5,
+) -> jax.Array:
+    """Divergence over k + 1 buckets: the teacher's top-k tokens and one tail bucket.
+
+    Only the teacher's k largest log-probs are read (what a log-prob API serves). The
+    tail holds each distribution's remaining mass: 1 - sum of the teacher's top-k
+    probabilities, and the student's exact probability on the other V - k tokens. Merging
+    tokens into buckets can only lose information, so for every kind the result is a lower
+    bound on the full-vocabulary divergence (data processing inequality), equal to it
+    when k = V - 1 (the tail is a single token). The teacher's tail mass is floored at
+    float32 eps, the resolution of 1 - sum, so a teacher whose top-k mass rounds to 1
+    gives a finite reverse KL instead of inf.
+    """
+    _check_divergence_args(kind, beta)
+    _check_k(k, student_logprobs_BxTxV.shape[-1], allow_full=False)
+    logp_top_BxTxK, top_ids_BxTxK = jax.lax.top_k(jax.lax.stop_gradient(teacher_logprobs_BxTxV), k)
+    top_mass_BxT = jnp.sum(jnp.exp(logp_top_BxTxK), axis=-1)
+    logp_tail_BxT = jnp.log(jnp.maximum(1.0 - top_mass_BxT, _MIN_TAIL_PROB))
+
+    logq_BxTxV = student_logprobs_BxTxV
+    logq_top_BxTxK = jnp.take_along_axis(logq_BxTxV, top_ids_BxTxK, axis=-1)
+    in_top_BxTxV = jnp.put_along_axis(
+        jnp.zeros(logq_BxTxV.shape, bool), top_ids_BxTxK, True, axis=-1, inplace=False
+    )
+    logq_tail_BxT = jax.nn.logsumexp(jnp.where(in_top_BxTxV, -jnp.inf, logq_BxTxV), axis=-1)
+
+    logp_buckets = jnp.concatenate([logp_top_BxTxK, logp_tail_BxT[..., None]], axis=-1)
+    logq_buckets = jnp.concatenate([logq_top_BxTxK, logq_tail_BxT[..., None]], axis=-1)
+    return token_divergence(logp_buckets, logq_buckets, kind, beta)
+
+
+# ------------------------------------------------------ student top-k reverse KL
+
+
+def student_topk_reverse_kl(
+    teacher_logprobs_BxTxV: jax.Array,
+    student_logprobs_BxTxV: jax.Array,
+    k: int,
+    form: str = "stopgrad",
+) -> jax.Array:
+    """Reverse KL(Q||P) restricted to the student's top-k tokens S (chosen without gradient).
+
+    With d_i = log q_i - log p_i from full-softmax log-probs:
+    - "stopgrad": value sum_{i in S} q_i d_i, differentiated as sum_{i in S} q_i sg(d_i).
+      Its gradient is sum_{i in S} q_i d_i grad(log q_i): the exact reverse-KL gradient
+      E_{y~q}[d_y grad(log q_y)] with the expectation cut to S. That is the sense in which
+      it is unbiased: each term is exactly token i's expected contribution to the
+      sampled-token policy gradient (estimator "pg"), with no variance and nothing added;
+      the only error is the omitted tail, and with k = V it is the exact gradient.
+    - "unnormalized": sum_{i in S} q_i d_i differentiated as written. Since
+      grad(d_i) = grad(log q_i), its gradient is the stopgrad one plus grad(sum_{i in S} q_i),
+      the gradient of the student's top-k mass, which vanishes only when S is the whole
+      vocabulary. Descending it moves student mass out of its own top-k, lowering the
+      loss without matching the teacher; this bias has been reported to collapse
+      training. Kept only for comparison.
+    - "renormalized": KL(q_S / Q_S || p_S / P_S), a proper divergence over S (>= 0, zero
+      iff the shapes agree on S) that ignores how much mass either puts outside S.
+
+    The stopgrad and unnormalized values are partial sums and may be negative; they are
+    not clamped.
+    """
+    _check_k(k, student_logprobs_BxTxV.shape[-1], allow_full=True)
+    if form not in TOPK_FORMS:
+        raise ValueError(f"topk_form={form!r} is not one of {TOPK_FORMS}")
+    logp_BxTxV = jax.lax.stop_gradient(teacher_logprobs_BxTxV)
+    logq_BxTxV = student_logprobs_BxTxV
+    _, top_ids_BxTxK = jax.lax.top_k(jax.lax.stop_gradient(logq_BxTxV), k)
+    logp_BxTxK = jnp.take_along_axis(logp_BxTxV, top_ids_BxTxK, axis=-1)
+    logq_BxTxK = jnp.take_along_axis(logq_BxTxV, top_ids_BxTxK, axis=-1)
+    if form == "renormalized":
+        renorm = lambda x: x - jax.nn.logsumexp(x, axis=-1, keepdims=True)
+        return _kl(renorm(logq_BxTxK), renorm(logp_BxTxK))
+    log_ratio_BxTxK = logq_BxTxK - logp_BxTxK
+    if form == "stopgrad":
+        log_ratio_BxTxK = jax.lax.stop_gradient(log_ratio_BxTxK)
+    return jnp.sum(jnp.exp(logq_BxTxK) * log_ratio_BxTxK, axis=-1)
+
+
+# --------------------------------------------------------- sampled-token estimators
+
+
+def sampled_estimate(
+    teacher_logprob_BxT: jax.Array,
+    student_logprob_BxT: jax.Array,
+    sampler_logprob_BxT: jax.Array,
+    estimator: str,
+    valid_BxT: jax.Array | None = None,
+) -> jax.Array:
+    """Per-token surrogate of KL(Q||P) from the sampled token y alone, [B, T].
+
+    Inputs are log-probs of y: teacher log p(y) and student log q(y) at the loss
+    temperature, and log mu(y) under the distribution the sampler drew y from.
+
+    Math. For y ~ q_theta and a per-token function k_theta(y),
+        grad E_q[k] = E_q[k grad(log q)] + E_q[grad k]      (score function + pathwise).
+    k1 = log q - log p has E_q[k1] = KL(Q||P). Its pathwise term grad k1 = grad(log q)
+    has zero mean under q, so it only adds variance; "pg" drops it and keeps
+    E_q[k1 grad(log q)] = grad KL, the policy gradient on the reward log p - log q.
+    k3 = (r - 1) - log r with r = p/q has E_q[k3] = sum_y p - 1 + KL = KL (P sums to 1),
+    and k3 >= 0 (e^x >= 1 + x). Its pathwise term grad k3 = (1 - r) grad(log q) has mean
+    -sum_y p grad(log q) != 0, so "k1" and "k3" keep both terms. Tokens drawn from mu
+    instead of q are reweighted by rho = q(y) / mu(y): E_mu[rho f] = E_q[f]. So
+        L = sg(rho) * (sg(k) * (log q - sg(log q)) + k)       ("pg": the last k is sg(k))
+    has value rho k, whose mean is KL(Q||P) for all three, and gradient
+    rho (k grad(log q) + grad k), whose mean is grad KL(Q||P). The expectation is over y
+    at each position given its prefix: prefixes are taken as given, as the full-vocabulary
+    estimator takes them (weighting whole prefixes would need products of ratios).
+    rho = 1 when the sampler is the current student at the loss temperature, up to the
+    numerical difference between sampler and learner, which rho then also corrects.
+    Positions outside `valid_BxT` are zeroed before the math: a padding token can have an
+    extreme ratio whose inf would turn the masked-out gradient into NaN.
+    """
+    if estimator not in SAMPLED_ESTIMATORS:
+        raise ValueError(f"estimator={estimator!r} is not one of {SAMPLED_ESTIMATORS}")
+    if valid_BxT is not None:
+        keep = lambda x: jnp.where(valid_BxT.astype(bool), x, 0.0)
+        teacher_logprob_BxT, student_logprob_BxT = (
+            keep(teacher_logprob_BxT),
+            keep(student_logprob_BxT),
+        )
+        sampler_logprob_BxT = keep(sampler_logprob_BxT)
+    sg = jax.lax.stop_gradient
+    log_q_BxT = student_logprob_BxT
+    log_r_BxT = sg(teacher_logprob_BxT) - log_q_BxT
+    # expm1 keeps k3 accurate for small log r; beware r = e^(log r) grows fast where the
+    # teacher is far more confident than the student.
+    k_BxT = _nonnegative(jnp.expm1(log_r_BxT) - log_r_BxT) if estimator == "k3" else -log_r_BxT
+    rho_BxT = jnp.exp(sg(log_q_BxT - sampler_logprob_BxT))
+    score_BxT = log_q_BxT - sg(log_q_BxT)  # value 0, gradient grad(log q)
+    pathwise_BxT = sg(k_BxT) if estimator == "pg" else k_BxT
+    return rho_BxT * (sg(k_BxT) * score_BxT + pathwise_BxT)
+
+
+def token_logprobs(
+    logits_BxTxV: jax.Array, tokens_BxT: jax.Array, temperature: float = 1.0
+) -> jax.Array:
+    """log softmax(logits / temperature) at the given tokens, [B, T]."""
+    _check_temperature(temperature)
+    return _take(log_probs(logits_BxTxV, temperature), tokens_BxT)
+
+
+# ------------------------------------------------- chunked LM head + statistics
 
 
 def _logits(hidden_BxCxD: jax.Array, head_DxV: jax.Array) -> jax.Array:
@@ -271,35 +453,51 @@ def _map_chunks(
     return jax.tree.map(lambda x: _merge_chunks(x, T), outputs)
 
 
-def chunked_divergence(
-    teacher_hidden_BxTxD: jax.Array,
-    teacher_head_DxV: jax.Array,
-    student_hidden_BxTxE: jax.Array,
-    student_head_ExV: jax.Array,
-    kind: str = "jsd",
-    beta: float = 0.5,
-    temperature: float = 1.0,
-    chunk_size: int = 128,
-) -> jax.Array:
-    """`token_divergence` of hidden @ head logits, [B, T], without materializing B x T x V.
+def _vocab_estimate(
+    logp_BxCxV: jax.Array, logq_BxCxV: jax.Array, divergence_BxC: jax.Array, objective: Objective
+) -> jax.Array | None:
+    """The estimate of the estimators that read whole vocabulary rows; None for sampled."""
+    if objective.estimator == "full":
+        return divergence_BxC
+    if objective.estimator == "teacher_topk":
+        return teacher_topk_divergence(
+            logp_BxCxV, logq_BxCxV, objective.top_k, objective.kind, objective.beta
+        )
+    if objective.estimator == "student_topk":
+        return student_topk_reverse_kl(logp_BxCxV, logq_BxCxV, objective.top_k, objective.topk_form)
+    return None
 
-    Teacher and student may have different widths (D, E) but share the vocabulary V.
-    Equal to the unchunked result; see `_map_chunks` for memory and padding.
-    """
-    _check_divergence_args(kind, beta, temperature)
 
-    def fn(teacher_logits_BxCxV, student_logits_BxCxV, _):
-        return token_divergence(teacher_logits_BxCxV, student_logits_BxCxV, kind, beta, temperature)
-
-    return _map_chunks(
-        fn,
-        teacher_hidden_BxTxD,
-        teacher_head_DxV,
-        student_hidden_BxTxE,
-        student_head_ExV,
-        None,
-        chunk_size,
+def _chunk_statistics(
+    teacher_logits_BxCxV: jax.Array,
+    student_logits_BxCxV: jax.Array,
+    tokens_BxC: jax.Array,
+    objective: Objective,
+) -> dict[str, jax.Array]:
+    tau = objective.temperature
+    logp_BxCxV = log_probs(teacher_logits_BxCxV, tau)
+    logq_BxCxV = log_probs(student_logits_BxCxV, tau)
+    stats = {
+        "forward_kl": _kl(logp_BxCxV, logq_BxCxV),
+        "reverse_kl": _kl(logq_BxCxV, logp_BxCxV),
+        "teacher_entropy": _entropy(logp_BxCxV),
+        "student_entropy": _entropy(logq_BxCxV),
+        "teacher_logprob": _take(logp_BxCxV, tokens_BxC),
+        "student_logprob": _take(logq_BxCxV, tokens_BxC),
+    }
+    kind = objective.kind
+    stats["divergence"] = (
+        _jsd(logp_BxCxV, logq_BxCxV, objective.beta) if kind == "jsd" else stats[kind]
     )
+    stats["student_raw_logprob"] = (
+        stats["student_logprob"]
+        if tau == 1.0
+        else _take(log_probs(student_logits_BxCxV), tokens_BxC)
+    )
+    estimate = _vocab_estimate(logp_BxCxV, logq_BxCxV, stats["divergence"], objective)
+    if estimate is not None:
+        stats["estimate"] = estimate
+    return stats
 
 
 def token_statistics(
@@ -308,38 +506,33 @@ def token_statistics(
     student_hidden_BxTxE: jax.Array,
     student_head_ExV: jax.Array,
     tokens_BxT: jax.Array,
-    kind: str = "jsd",
-    beta: float = 0.5,
-    temperature: float = 1.0,
+    objective: Objective,
+    sampler_logprob_BxT: jax.Array | None = None,
+    valid_BxT: jax.Array | None = None,
     chunk_size: int = 128,
     logits_sharding: Any = None,
 ) -> dict[str, jax.Array]:
     """Everything one distillation step needs per position, [B, T] each, in one chunked pass.
 
-    Keys: "divergence" (`kind`), "forward_kl", "reverse_kl", "teacher_entropy",
-    "student_entropy", and "teacher_logprob" / "student_logprob" of `tokens_BxT` (the
-    inputs of the sampled-token estimators), all at `temperature`. Only "divergence" and
-    "student_logprob" are meant to be differentiated; the rest are metrics.
+    Keys: "estimate" (the objective's estimator, the term to differentiate), "divergence"
+    (the exact full-vocabulary value of the objective's divergence, whatever the
+    estimator), "forward_kl", "reverse_kl", "teacher_entropy", "student_entropy", and
+    "teacher_logprob" / "student_logprob" of `tokens_BxT`, all at the objective's
+    temperature, plus "student_raw_logprob" (temperature 1, what the sampler records as
+    its raw log-prob). Sampled estimators need `sampler_logprob_BxT`, the log-prob under
+    the distribution that drew each token; `valid_BxT` marks the real tokens.
+    Teacher and student may have different widths (D, E) but share the vocabulary V.
     """
-    _check_divergence_args(kind, beta, temperature)
-    resolved = _resolve_kind(kind, beta)
+    if objective.sampled and sampler_logprob_BxT is None:
+        raise ValueError(
+            f"estimator={objective.estimator!r} weighs each sampled token by the sampler's "
+            "log-prob of it: pass sampler_logprob_BxT (the rollout's recorded log-probs)"
+        )
 
     def fn(teacher_logits_BxCxV, student_logits_BxCxV, tokens_BxC):
-        logp_BxCxV = log_probs(teacher_logits_BxCxV, temperature)
-        logq_BxCxV = log_probs(student_logits_BxCxV, temperature)
-        stats = {
-            "forward_kl": _kl(logp_BxCxV, logq_BxCxV),
-            "reverse_kl": _kl(logq_BxCxV, logp_BxCxV),
-            "teacher_entropy": _entropy(logp_BxCxV),
-            "student_entropy": _entropy(logq_BxCxV),
-            "teacher_logprob": _take(logp_BxCxV, tokens_BxC),
-            "student_logprob": _take(logq_BxCxV, tokens_BxC),
-        }
-        jsd_only = resolved == "jsd"
-        stats["divergence"] = _jsd(logp_BxCxV, logq_BxCxV, beta) if jsd_only else stats[resolved]
-        return stats
+        return _chunk_statistics(teacher_logits_BxCxV, student_logits_BxCxV, tokens_BxC, objective)
 
-    return _map_chunks(
+    stats = _map_chunks(
         fn,
         teacher_hidden_BxTxD,
         teacher_head_DxV,
@@ -349,193 +542,12 @@ def token_statistics(
         chunk_size,
         logits_sharding,
     )
-
-
-# ------------------------------------------------------- teacher top-k + tail bucket
-
-
-def _check_k(k: int, vocab: int, allow_full: bool) -> None:
-    upper = vocab if allow_full else vocab - 1
-    if not 1 <= k <= upper:
-        raise ValueError(f"k must be in [1, {upper}] for a vocabulary of {vocab}, got {k}")
-
-
-def teacher_topk(
-    teacher_logits_BxTxV: jax.Array, k: int, temperature: float = 1.0
-) -> tuple[jax.Array, jax.Array]:
-    """The teacher's top-k full-softmax log-probs and token ids, [B, T, k] each.
-
-    This is what a log-prob API serves, and what `teacher_topk_divergence` consumes.
-    """
-    _check_temperature(temperature)
-    _check_k(k, teacher_logits_BxTxV.shape[-1], allow_full=False)
-    logp_BxTxV = log_probs(jax.lax.stop_gradient(teacher_logits_BxTxV), temperature)
-    return jax.lax.top_k(logp_BxTxV, k)
-
-
-def teacher_topk_divergence(
-    teacher_topk_logprobs_BxTxK: jax.Array,
-    teacher_topk_ids_BxTxK: jax.Array,
-    student_logits_BxTxV: jax.Array,
-    kind: str = "forward_kl",
-    beta: float = 0.5,
-    temperature: float = 1.0,
-) -> jax.Array:
-    """Divergence over k + 1 buckets: the teacher's top-k tokens and one tail bucket.
-
-    The tail holds each distribution's remaining mass: 1 - sum of the teacher's top-k
-    probabilities, and the student's exact probability on the other V - k tokens. Merging
-    tokens into buckets can only lose information, so for every kind the result is a lower
-    bound on the full-vocabulary divergence (data processing inequality), equal to it
-    when k = V - 1 (the tail is a single token).
-
-    The teacher side is full-softmax log-probs (`teacher_topk` or a log-prob API) at the
-    same `temperature` that is applied here to the student logits; ids must be distinct.
-    The teacher's tail mass is floored at float32 eps, the resolution of 1 - sum, so a
-    teacher whose top-k mass rounds to 1 gives a finite reverse KL instead of inf.
-    """
-    _check_divergence_args(kind, beta, temperature)
-    _check_k(teacher_topk_ids_BxTxK.shape[-1], student_logits_BxTxV.shape[-1], allow_full=False)
-    logp_top_BxTxK = _at_least_f32(jax.lax.stop_gradient(teacher_topk_logprobs_BxTxK))
-    top_mass_BxT = jnp.sum(jnp.exp(logp_top_BxTxK), axis=-1)
-    logp_tail_BxT = jnp.log(jnp.maximum(1.0 - top_mass_BxT, _MIN_TAIL_PROB))
-
-    logq_BxTxV = log_probs(student_logits_BxTxV, temperature)
-    logq_top_BxTxK = jnp.take_along_axis(logq_BxTxV, teacher_topk_ids_BxTxK, axis=-1)
-    in_top_BxTxV = jnp.put_along_axis(
-        jnp.zeros(logq_BxTxV.shape, bool), teacher_topk_ids_BxTxK, True, axis=-1, inplace=False
-    )
-    logq_tail_BxT = jax.nn.logsumexp(jnp.where(in_top_BxTxV, -jnp.inf, logq_BxTxV), axis=-1)
-
-    logp_buckets = jnp.concatenate([logp_top_BxTxK, logp_tail_BxT[..., None]], axis=-1)
-    logq_buckets = jnp.concatenate([logq_top_BxTxK, logq_tail_BxT[..., None]], axis=-1)
-    return _divergence(logp_buckets.astype(logq_buckets.dtype), logq_buckets, kind, beta)
-
-
-# ------------------------------------------------------ student top-k reverse KL
-
-
-def student_topk_reverse_kl(
-    teacher_logits_BxTxV: jax.Array,
-    student_logits_BxTxV: jax.Array,
-    k: int,
-    form: str = "stopgrad",
-    temperature: float = 1.0,
-) -> jax.Array:
-    """Reverse KL(Q||P) restricted to the student's top-k tokens S (chosen without gradient).
-
-    With d_i = log q_i - log p_i from full-softmax log-probs:
-    - "stopgrad": value sum_{i in S} q_i d_i, differentiated as sum_{i in S} q_i sg(d_i).
-      Its gradient is sum_{i in S} q_i d_i grad(log q_i): the exact reverse-KL gradient
-      E_{y~q}[d_y grad(log q_y)] with the expectation cut to S. That is the sense in which
-      it is unbiased: each term is exactly token i's expected contribution to the
-      sampled-token policy gradient (`policy_gradient_loss`), with no variance and nothing
-      added; the only error is the omitted tail, and with k = V it is the exact gradient.
-    - "unnormalized": sum_{i in S} q_i d_i differentiated as written. Since
-      grad(d_i) = grad(log q_i), its gradient is the stopgrad one plus grad(sum_{i in S} q_i),
-      the gradient of the student's top-k mass, which vanishes only when S is the whole
-      vocabulary. Descending it moves student mass out of its own top-k, lowering the
-      loss without matching the teacher; this bias has been reported to collapse
-      training. Kept only for comparison.
-    - "renormalized": KL(q_S / Q_S || p_S / P_S), a proper divergence over S (>= 0, zero
-      iff the shapes agree on S) that ignores how much mass either puts outside S.
-
-    The stopgrad and unnormalized values are partial sums and may be negative; they are
-    not clamped.
-    """
-    _check_temperature(temperature)
-    _check_k(k, student_logits_BxTxV.shape[-1], allow_full=True)
-    if form not in TOPK_FORMS:
-        raise ValueError(f"unknown top-k form {form!r}; expected one of {TOPK_FORMS}")
-    logp_BxTxV = log_probs(jax.lax.stop_gradient(teacher_logits_BxTxV), temperature)
-    logq_BxTxV = log_probs(student_logits_BxTxV, temperature)
-    _, top_ids_BxTxK = jax.lax.top_k(jax.lax.stop_gradient(logq_BxTxV), k)
-    logp_BxTxK = jnp.take_along_axis(logp_BxTxV, top_ids_BxTxK, axis=-1)
-    logq_BxTxK = jnp.take_along_axis(logq_BxTxV, top_ids_BxTxK, axis=-1)
-    if form == "renormalized":
-        renorm = lambda x: x - jax.nn.logsumexp(x, axis=-1, keepdims=True)
-        return _kl(renorm(logq_BxTxK), renorm(logp_BxTxK))
-    log_ratio_BxTxK = logq_BxTxK - logp_BxTxK
-    if form == "stopgrad":
-        log_ratio_BxTxK = jax.lax.stop_gradient(log_ratio_BxTxK)
-    return jnp.sum(jnp.exp(logq_BxTxK) * log_ratio_BxTxK, axis=-1)
-
-
-# --------------------------------------------------------- sampled-token estimators
-
-
-def _take(logprobs_BxTxV: jax.Array, tokens_BxT: jax.Array) -> jax.Array:
-    return jnp.take_along_axis(logprobs_BxTxV, tokens_BxT[..., None], axis=-1)[..., 0]
-
-
-def token_logprobs(
-    logits_BxTxV: jax.Array, tokens_BxT: jax.Array, temperature: float = 1.0
-) -> jax.Array:
-    """log softmax(logits / temperature) at the given tokens, [B, T]."""
-    _check_temperature(temperature)
-    return _take(log_probs(logits_BxTxV, temperature), tokens_BxT)
-
-
-def reverse_kl_reward(teacher_logprob_BxT: jax.Array, student_logprob_BxT: jax.Array) -> jax.Array:
-    """r_t = log p(y_t) - log q(y_t) for y_t ~ Q: minus the k1 sample of KL(Q||P)."""
-    return teacher_logprob_BxT - student_logprob_BxT
-
-
-def k1_reverse_kl(teacher_logprob_BxT: jax.Array, student_logprob_BxT: jax.Array) -> jax.Array:
-    """k1 = log q(y) - log p(y), y ~ Q: unbiased for KL(Q||P), high variance, often < 0.
-
-    k1 and k3 estimate the value. Differentiating them through fixed samples does not
-    give the KL gradient (E_q[grad log q] = 0); use `policy_gradient_loss` for that.
-    """
-    return student_logprob_BxT - teacher_logprob_BxT
-
-
-def k3_reverse_kl(teacher_logprob_BxT: jax.Array, student_logprob_BxT: jax.Array) -> jax.Array:
-    """k3 = (r - 1) - log r with r = p(y) / q(y), y ~ Q: unbiased for KL(Q||P) and >= 0.
-
-    Sign convention as in Schulman's "Approximating KL Divergence" (2020): for KL[q, p]
-    with samples from q, r = p/q, k1 = -log r and k3 = (r - 1) - log r. Here q is the
-    student (the sampler) and p the teacher, so log r is the reward
-    `reverse_kl_reward`. k3 >= 0 because e^x >= 1 + x; expm1 keeps it accurate for small
-    log r, and the clamp removes rounding below zero. Beware r = e^(log r) grows fast
-    where the teacher is far more confident than the student.
-    """
-    log_r_BxT = reverse_kl_reward(teacher_logprob_BxT, student_logprob_BxT)
-    return _nonnegative(jnp.expm1(log_r_BxT) - log_r_BxT)
-
-
-def policy_gradient_loss(reward_BxT: jax.Array, student_logprob_BxT: jax.Array) -> jax.Array:
-    """-(sg(reward) * log q(y)), per token; the on-policy distillation surrogate.
-
-    With reward = `reverse_kl_reward` and y ~ Q (current params), its expected gradient is
-    E_q[(log q - log p) grad(log q)] = grad KL(Q||P) at each position given its prefix.
-    Per token on purpose: the reward is not summed over later positions (discount 0), which
-    ignores how y_t changes later positions' KL but keeps the variance low.
-    """
-    return -jax.lax.stop_gradient(reward_BxT) * student_logprob_BxT
-
-
-def importance_weighted_pg_loss(
-    reward_BxT: jax.Array,
-    student_logprob_BxT: jax.Array,
-    sampler_logprob_BxT: jax.Array,
-    clip_epsilon: float | None = None,
-) -> jax.Array:
-    """`policy_gradient_loss` for tokens sampled by older params (or another engine).
-
-    The gradient is weighted by rho = q_theta(y) / q_sampler(y) (sampler log-probs under
-    stop_gradient), which makes it unbiased for grad KL(Q_theta||P) when y ~ Q_sampler
-    and the reward uses the current student's log-probs; rewards computed with the
-    sampler's log-probs are the usual off-policy approximation. At rho = 1 the gradient
-    equals `policy_gradient_loss`'s. `clip_epsilon` applies PPO's pessimistic clipping,
-    -min(rho A, clip(rho, 1 - eps, 1 + eps) A), which stops the gradient once rho has
-    moved more than eps in the direction the advantage favours.
-    """
-    if clip_epsilon is not None and not clip_epsilon > 0:
-        raise ValueError(f"clip_epsilon must be > 0 or None, got {clip_epsilon}")
-    advantage_BxT = jax.lax.stop_gradient(reward_BxT)
-    ratio_BxT = jnp.exp(student_logprob_BxT - jax.lax.stop_gradient(sampler_logprob_BxT))
-    if clip_epsilon is None:
-        return -advantage_BxT * ratio_BxT
-    clipped_BxT = jnp.clip(ratio_BxT, 1.0 - clip_epsilon, 1.0 + clip_epsilon)
-    return -jnp.minimum(advantage_BxT * ratio_BxT, advantage_BxT * clipped_BxT)
+    if objective.sampled:
+        stats["estimate"] = sampled_estimate(
+            stats["teacher_logprob"],
+            stats["student_logprob"],
+            sampler_logprob_BxT,
+            objective.estimator,
+            valid_BxT,
+        )
+    return stats

@@ -39,13 +39,13 @@ from opd_jax import (
     distill,
     evaluation,
     export,
+    gkd,
     loop,
     lora,
     mesh,
     model,
     opsd,
     reporting,
-    rollout,
     sampling,
     update,
 )
@@ -464,7 +464,7 @@ def run(workdir: str | pathlib.Path, title: str) -> list[dict[str, Any]]:
     task, models, schedule = Task(), Models(), Schedule()
     cfg, mixture, rollout_sampling = (
         distill.DistillConfig(),
-        rollout.MixtureConfig(),
+        gkd.MixtureConfig(),
         RolloutSampling(),
     )
     context = opsd.PrivilegedContext()
@@ -474,6 +474,7 @@ def run(workdir: str | pathlib.Path, title: str) -> list[dict[str, Any]]:
     layout = mesh.Layout()
     placement = layout.placement(device_mesh)
     check_schedule(schedule, cfg, device_mesh)
+    gkd.check_rollouts(cfg, rollout_sampling, mixture.on_policy_fraction)
 
     with mesh.main_process_first("inputs ready"):  # they may be built into a shared cache
         student_source = models.student or models.teacher
@@ -637,7 +638,7 @@ def run(workdir: str | pathlib.Path, title: str) -> list[dict[str, Any]]:
                 rewards = np.array(
                     [reward(t, e) for t, e in zip(texts, examples, strict=True)], np.float32
                 )
-                advantages = rollout.group_advantages(rewards, group)
+                advantages = gkd.group_advantages(rewards, group)
                 rows = schedule.batch_size
                 distill_batch = distill_batch.replace(
                     advantage_B=mesh.global_batch(advantages, device_mesh, rows)

@@ -5,7 +5,7 @@ A run is a choice along four axes, all static:
   teacher: a separate frozen model, or the student itself (`opsd.SelfTeacher`: its
     fixed initial weights, a moving average, or its live weights);
   teacher context: the student's prompt, or a privileged one (`opsd.PrivilegedContext`);
-  objective: `distill.DistillConfig`.
+  objective: `distill.DistillConfig`; completions: the GKD mixture (`gkd`).
 `Roles` holds the first two; the frozen arrays beside the train state (`Frozen`) are the
 separate teacher's params and the LoRA / fixed-teacher base. Both jitted functions
 resolve the student's and the teacher's full weights from (state, frozen) inside the
@@ -21,7 +21,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from opd_jax import distill, lora, mesh, opsd, rollout, sampling
+from opd_jax import distill, gkd, lora, mesh, opsd, sampling
 from opd_jax.distill import DistillBatch, TrainState
 from opd_jax.lora import LoraConfig
 from opd_jax.model import ModelConfig, Params
@@ -165,13 +165,14 @@ def make_update_step(
     roles: Roles,
     cfg: distill.DistillConfig,
     optimizer: optax.GradientTransformation,
-    shardings: mesh.StepShardings,
+    shardings: mesh.StepShardings | None = None,
 ):
     """update(state, frozen, batch) -> (state, metrics), jitted, state donated; metrics as
-    `distill.make_update` gives them, replicated."""
+    `distill.loss_terms` gives them (replicated on a mesh). Without `shardings`, one
+    device."""
     distill.check_vocab(roles.teacher, roles.student)
 
-    def loss_sums(trainable, frozen_and_ema, micro):
+    def loss_shares(trainable, frozen_and_ema, micro, counts):
         frozen, ema = frozen_and_ema
         view = TrainState(step=None, params=trainable, opt_state=None, rng=None, ema_params=ema)
         terms = distill.per_token_terms(
@@ -181,11 +182,11 @@ def make_update_step(
             roles.student,
             roles.teacher,
             cfg,
-            shardings.logits,
+            None if shardings is None else shardings.logits,
         )
-        return distill.loss_sum(terms, micro, cfg)
+        return distill.loss_terms(terms, micro, cfg, counts)
 
-    inner = distill.make_update(loss_sums, cfg.grad_accum, optimizer)
+    inner = distill.make_update(loss_shares, cfg.grad_accum, optimizer)
 
     def update(state: TrainState, frozen: Frozen, batch: DistillBatch):
         new_state, metrics = inner(state, (frozen, state.ema_params), batch)
@@ -197,6 +198,8 @@ def make_update_step(
             new_state = new_state.replace(ema_params=jax.tree.map(keep, averaged, state.ema_params))
         return new_state, metrics
 
+    if shardings is None:
+        return jax.jit(update, donate_argnums=0)
     return jax.jit(
         update,
         donate_argnums=0,
@@ -207,20 +210,19 @@ def make_update_step(
 
 def make_rollout(
     roles: Roles,
-    mixture: rollout.MixtureConfig,
+    mixture: gkd.MixtureConfig,
     sampling_cfg: sampling.SamplingConfig,
-    shardings: mesh.StepShardings,
+    shardings: mesh.StepShardings | None = None,
 ):
     """rollout(state, frozen, prompt, prompt_valid, target, target_valid, teacher_prompt,
     teacher_prompt_valid) -> (DistillBatch, on_policy_B), jitted.
 
-    Completions come from the GKD mixture (`rollout.MixtureConfig`): the student's own
+    Completions come from the GKD mixture (`gkd.mixture_completions`): the student's own
     samples, the dataset's targets, or the teacher's samples, drawn from the teacher's
     own (possibly privileged) context. Completions have the target width N, which must
-    equal sampling_cfg.max_new_tokens.
+    equal sampling_cfg.max_new_tokens. Without `shardings`, one device.
     """
-    placement = shardings.placement
-    lam = mixture.on_policy_fraction
+    placement = None if shardings is None else shardings.placement
 
     def rollout_fn(
         state,
@@ -232,62 +234,48 @@ def make_rollout(
         teacher_BxQ,
         teacher_valid_BxQ,
     ):
-        B, N = target_BxN.shape
+        N = target_BxN.shape[1]
         if sampling_cfg.max_new_tokens != N:
             raise ValueError(
                 f"target width {N} != max_new_tokens {sampling_cfg.max_new_tokens}: on- and "
                 "off-policy completions must have one shape"
             )
-        choice_key, student_key, teacher_key = jax.random.split(distill.step_key(state), 3)
-
-        def on_policy():
-            samples = sampling.sample(
-                student_weights(roles, state.params, frozen),
-                prompt_BxP,
-                prompt_valid_BxP,
-                student_key,
-                roles.student,
-                sampling_cfg,
-                placement,
-            )
-            return samples.tokens_BxN, samples.mask_BxN
-
-        def fixed():
-            if mixture.fixed_source == "teacher":
-                samples = sampling.sample(
-                    teacher_weights(roles, state, frozen),
-                    teacher_BxQ,
-                    teacher_valid_BxQ,
-                    teacher_key,
-                    roles.teacher,
-                    sampling_cfg,
-                    placement,
-                )
-                return samples.tokens_BxN, samples.mask_BxN
-            return target_BxN, target_valid_BxN.astype(jnp.float32)
-
-        if lam in (0.0, 1.0):  # static: compile only the branch that can run
-            on_B = jnp.full((B,), lam == 1.0)
-            tokens_BxN, mask_BxN = on_policy() if lam == 1.0 else fixed()
-        elif mixture.per_example:
-            on_B = jax.random.uniform(choice_key, (B,)) < lam
-            (s_tokens, s_mask), (f_tokens, f_mask) = on_policy(), fixed()
-            tokens_BxN = jnp.where(on_B[:, None], s_tokens, f_tokens)
-            mask_BxN = jnp.where(on_B[:, None], s_mask, f_mask)
-        else:
-            on = jax.random.uniform(choice_key) < lam
-            on_B = jnp.full((B,), on)
-            tokens_BxN, mask_BxN = jax.lax.cond(on, on_policy, fixed)
+        student = lambda key: sampling.sample(
+            student_weights(roles, state.params, frozen),
+            prompt_BxP,
+            prompt_valid_BxP,
+            key,
+            roles.student,
+            sampling_cfg,
+            placement,
+        )
+        teacher = lambda key: sampling.sample(
+            teacher_weights(roles, state, frozen),
+            teacher_BxQ,
+            teacher_valid_BxQ,
+            key,
+            roles.teacher,
+            sampling_cfg,
+            placement,
+        )
+        completions, on_B = gkd.mixture_completions(
+            mixture, distill.step_key(state), student, teacher, target_BxN, target_valid_BxN
+        )
         batch = DistillBatch(
             prompt_BxP=prompt_BxP,
             prompt_valid_BxP=prompt_valid_BxP,
-            completion_BxN=tokens_BxN,
-            completion_mask_BxN=mask_BxN,
+            completion_BxN=completions.tokens_BxN,
+            completion_mask_BxN=completions.mask_BxN,
             teacher_prompt_BxQ=teacher_BxQ,
             teacher_prompt_valid_BxQ=teacher_valid_BxQ,
+            sampler_logprob_BxN=completions.sampler_logprob_BxN,
+            sampler_raw_logprob_BxN=completions.sampler_raw_logprob_BxN,
+            on_policy_B=on_B,
         )
         return batch, on_B
 
+    if shardings is None:
+        return jax.jit(rollout_fn)
     rows = shardings.batch
     return jax.jit(
         rollout_fn,

@@ -21,12 +21,12 @@ sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 from opd_jax import (  # noqa: E402
     config,
     distill,
+    gkd,
     loop,
     lora,
     mesh,
     model,
     opsd,
-    rollout,
     sampling,
     update,
 )
@@ -93,7 +93,7 @@ def distill_steps(kind: str, device_mesh, num_steps: int, state=None):
         teacher = mesh.place_params(model.init_params(TEACHER, jax.random.key(7)), teacher_sharding)
     frozen = update.frozen_arrays(roles, student, teacher)
     shardings = update.step_shardings(state, jax.tree.map(lambda x: x.sharding, frozen), placement)
-    mixture = rollout.MixtureConfig(on_policy_fraction=1.0)
+    mixture = gkd.MixtureConfig(on_policy_fraction=1.0)
     roll = update.make_rollout(roles, mixture, SAMPLING, shardings)
     update_step = update.make_update_step(roles, CFG, optimizer, shardings)
     rows = mesh.process_rows(device_mesh, BATCH)
@@ -149,7 +149,7 @@ def equivalence(out: pathlib.Path, meshes: list[tuple[int, ...]], kind: str) -> 
     )
 
 
-def gkd(out: pathlib.Path, restore_from: str | None, steps: int) -> None:
+def gkd_run(out: pathlib.Path, restore_from: str | None, steps: int) -> None:
     """GKD steps on all processes' devices (one data axis); saves the final checkpoint to
     out/ckpt and this process's copy of the params to out/params_<process>.npz. With
     `restore_from`, starts from that checkpoint (written by any number of processes)."""
@@ -189,7 +189,7 @@ def main() -> None:
         equivalence(out, [tuple(int(n) for n in m.split(",")) for m in args.meshes], args.kind)
     else:
         out.mkdir(parents=True, exist_ok=True)
-        gkd(out, args.restore_from, args.steps)
+        gkd_run(out, args.restore_from, args.steps)
 
 
 if __name__ == "__main__":
