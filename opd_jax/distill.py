@@ -386,15 +386,9 @@ def make_update(loss_shares: LossShares, grad_accum: int, optimizer: optax.Gradi
     return update
 
 
-def _make_step(
-    loss_shares: LossShares,
-    grad_accum: int,
-    optimizer: optax.GradientTransformation,
-    shardings: mesh.StepShardings | None,
-):
-    """`make_update` jitted with the state donated. With `shardings` the state keeps its
-    layout from step to step and metrics come back replicated."""
-    update = make_update(loss_shares, grad_accum, optimizer)
+def jit_update(update: Callable, shardings: mesh.StepShardings | None) -> Callable:
+    """update(state, frozen, batch) jitted with the state donated. With `shardings` the
+    state keeps its layout from step to step and metrics come back replicated."""
     if shardings is None:
         return jax.jit(update, donate_argnums=0)
     return jax.jit(
@@ -434,7 +428,7 @@ def make_sft_step(
         nll = -losses.token_logprobs(logits, micro.completion_BxN)
         return {"loss": losses.masked_mean(nll, micro.completion_mask_BxN, counts.tokens)}
 
-    return _make_step(loss_shares, grad_accum, optimizer, shardings)
+    return jit_update(make_update(loss_shares, grad_accum, optimizer), shardings)
 
 
 class NonFiniteLossError(FloatingPointError):

@@ -198,14 +198,7 @@ def make_update_step(
             new_state = new_state.replace(ema_params=jax.tree.map(keep, averaged, state.ema_params))
         return new_state, metrics
 
-    if shardings is None:
-        return jax.jit(update, donate_argnums=0)
-    return jax.jit(
-        update,
-        donate_argnums=0,
-        in_shardings=(shardings.state, shardings.frozen, shardings.batch),
-        out_shardings=(shardings.state, mesh.replicated(shardings.mesh)),
-    )
+    return distill.jit_update(update, shardings)
 
 
 def make_rollout(
