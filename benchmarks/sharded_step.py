@@ -46,9 +46,9 @@ CFG_KWARGS = dict(divergence="jsd", vocab_chunk=128)
 
 
 def _optimizer():
-    from opd_jax import distill
+    from opd_jax import train_state
 
-    return distill.make_optimizer(distill.DistillConfig(**CFG_KWARGS), total_steps=1000)
+    return train_state.make_optimizer(train_state.OptimizerConfig(), total_steps=1000)
 
 
 def _gkd_functions(student_config, teacher_config, state, teacher_sharding, mesh, new_tokens):
@@ -181,14 +181,14 @@ def _memory_rows(config, mesh, batch: int, prompt_len: int, new_tokens: int) -> 
     import jax
     import jax.numpy as jnp
 
-    from opd_jax import distill, model, update
     from opd_jax import mesh as mesh_lib
+    from opd_jax import model, train_state, update
 
     params_sharding = mesh_lib.Layout().placement(mesh).params(config)
     abstract_params = jax.eval_shape(lambda: model.init_params(config, jax.random.key(0)))
     params = _abstract(abstract_params, params_sharding)
     optimizer = _optimizer()
-    abstract_state = jax.eval_shape(lambda p: distill.init_train_state(p, optimizer, 0), params)
+    abstract_state = jax.eval_shape(lambda p: train_state.init_train_state(p, optimizer, 0), params)
     state = _abstract(
         abstract_state, update.state_shardings(abstract_state, optimizer, params_sharding)
     )
@@ -207,7 +207,7 @@ def _memory_rows(config, mesh, batch: int, prompt_len: int, new_tokens: int) -> 
     lines = []
     for name, jitted, inputs in (
         ("rollout", roll, (state, frozen, *prompts, *targets, *prompts)),
-        ("update", update_step, (state, frozen, distill.DistillBatch(*prompts, *targets))),
+        ("update", update_step, (state, frozen, train_state.DistillBatch(*prompts, *targets))),
     ):
         try:
             stats = jitted.lower(*inputs).compile().memory_analysis()

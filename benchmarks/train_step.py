@@ -25,7 +25,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from opd_jax import assets, checkpoints, distill, gkd, model, sampling
+from opd_jax import assets, checkpoints, distill, gkd, model, sampling, train_state
 from opd_jax import update as update_lib
 
 MODEL = "smollm2-135m-instruct"
@@ -67,7 +67,7 @@ def main() -> None:
     roll = update_lib.make_rollout(roles, gkd.MixtureConfig(1.0), sample_cfg)
 
     @jax.jit
-    def teacher_forward(params, batch: distill.DistillBatch) -> jax.Array:
+    def teacher_forward(params, batch: train_state.DistillBatch) -> jax.Array:
         hidden = distill.completion_hidden(
             params,
             teacher_config,
@@ -126,10 +126,10 @@ def _measure(
 ) -> dict[str, float]:
     """Seconds of the rollout, the teacher forward and the whole update; update temp MiB."""
     cfg = distill.DistillConfig(divergence="jsd", vocab_chunk=chunk)
-    optimizer = distill.make_optimizer(cfg, total_steps=1000)
+    optimizer = train_state.make_optimizer(train_state.OptimizerConfig(), total_steps=1000)
     roles = update_lib.Roles(student_config, teacher_config)
     update = update_lib.make_update_step(roles, cfg, optimizer)
-    state = distill.init_train_state(student_params, optimizer, seed=0)
+    state = train_state.init_train_state(student_params, optimizer, seed=0)
     frozen = update_lib.frozen_arrays(roles, student_params, teacher_params)
     batch, _ = roll(state, frozen, *inputs)
     copy_s = _best_seconds(lambda: jax.tree.map(jnp.copy, state), repeats)

@@ -32,7 +32,8 @@ from typing import Any
 import jax
 import orbax.checkpoint as ocp
 
-from opd_jax import distill, reporting
+from opd_jax import reporting
+from opd_jax.train_state import TrainState, raise_if_not_finite
 
 # A ModelConfig, or any dataclass holding one with what else shapes the saved params
 # (a LoRA student's rank and targets): its fields are the fingerprint.
@@ -135,9 +136,9 @@ def abstract(state: Any) -> Any:
 
 # ----------------------------------------------------------------------------- loop
 
-StepFn = Callable[[distill.TrainState, int], tuple[distill.TrainState, dict[str, Any]]]
+StepFn = Callable[[TrainState, int], tuple[TrainState, dict[str, Any]]]
 # after_step(step, state) runs after each step's metrics are written (e.g. evaluation).
-AfterStep = Callable[[int, distill.TrainState], None]
+AfterStep = Callable[[int, TrainState], None]
 
 
 class Preempted(SystemExit):
@@ -175,7 +176,7 @@ class Stage:
     model_config: Architecture
 
 
-def restore(stage: Stage, state: distill.TrainState) -> distill.TrainState:
+def restore(stage: Stage, state: TrainState) -> TrainState:
     """The newest checkpoint of the stage, or `state` in a fresh workdir."""
     mngr = manager(stage.directory)
     restored = restore_latest(mngr, abstract(state), stage.model_config)
@@ -184,11 +185,11 @@ def restore(stage: Stage, state: distill.TrainState) -> distill.TrainState:
 
 def run(
     stage: Stage,
-    state: distill.TrainState,
+    state: TrainState,
     step_fn: StepFn,
     writer: reporting.MetricsWriter,
     after_step: AfterStep | None = None,
-) -> distill.TrainState:
+) -> TrainState:
     """Runs the stage to `num_steps`, resuming from its newest checkpoint."""
     state = restore(stage, state)
     start = int(state.step)
@@ -201,7 +202,7 @@ def run(
             began = time.perf_counter()
             state, metrics = step_fn(state, step)
             metrics = jax.device_get(metrics)
-            distill.raise_if_not_finite(step, metrics)
+            raise_if_not_finite(step, metrics)
             seconds = time.perf_counter() - began
             done = step + 1
             scalars = {k: v for k, v in metrics.items() if k != "finite"}

@@ -13,7 +13,7 @@ divergence against step; `python -m opd_jax.export WORKDIR OUT` turns the studen
 Hugging Face directory. The same path runs on one device, a mesh and several hosts.
 
 Every setting is a gin parameter of `Task`, `Models`, `Schedule`, `RolloutSampling`,
-`DistillConfig`, `MixtureConfig`, `SelfTeacher`, `PrivilegedContext`, `LoraConfig`,
+`DistillConfig`, `OptimizerConfig`, `MixtureConfig`, `SelfTeacher`, `PrivilegedContext`, `LoraConfig`,
 `Layout` or `make_mesh`.
 """
 
@@ -47,6 +47,7 @@ from opd_jax import (
     opsd,
     reporting,
     sampling,
+    train_state,
     update,
 )
 from opd_jax import tokenizer as tokenizer_lib
@@ -363,16 +364,17 @@ def fine_tune(
     params (placed in `params_sharding`) keep their layout."""
     if steps == 0:
         return params
-    cfg = distill.DistillConfig(learning_rate=learning_rate, warmup_steps=min(5, steps))
-    optimizer = distill.make_optimizer(cfg, steps)
+    optim = train_state.OptimizerConfig(learning_rate=learning_rate, warmup_steps=min(5, steps))
+    optimizer = train_state.make_optimizer(optim, steps)
     roles = update.Roles(model_config, model_config)
     state = update.create_state(roles, params, optimizer, schedule.seed, params_sharding)
     shardings = update.step_shardings(state, None, placement)
-    sft_step = distill.make_sft_step(model_config, 1, optimizer, shardings, cfg.remat)
+    remat = distill.DistillConfig().remat
+    sft_step = distill.make_sft_step(model_config, optim.grad_accum, optimizer, shardings, remat)
 
     def step_fn(state, step):
         _, arrays = sharded_batch(split, tokenizer, spec, schedule.seed, step, placement.mesh)
-        return sft_step(state, None, distill.DistillBatch(*arrays))
+        return sft_step(state, None, train_state.DistillBatch(*arrays))
 
     stage = loop.Stage(name, workdir / name, steps, schedule.checkpoint_every, model_config)
     return loop.run(stage, state, step_fn, writer).params
@@ -410,13 +412,18 @@ class EvalCache:
 # ----------------------------------------------------------------------------- checks
 
 
-def check_schedule(schedule: Schedule, cfg: distill.DistillConfig, device_mesh) -> None:
+def check_schedule(
+    schedule: Schedule,
+    cfg: distill.DistillConfig,
+    optim: train_state.OptimizerConfig,
+    device_mesh: jax.sharding.Mesh,
+) -> None:
     rl_on = cfg.rl_alpha < 1.0
     per_prompt = schedule.rl_group_size if rl_on else 1
-    if schedule.batch_size % (per_prompt * cfg.grad_accum):
+    if schedule.batch_size % (per_prompt * optim.grad_accum):
         raise config.ConfigError(
             f"Schedule.batch_size={schedule.batch_size} must be a multiple of "
-            f"rl_group_size x grad_accum = {per_prompt} x {cfg.grad_accum}"
+            f"rl_group_size x grad_accum = {per_prompt} x {optim.grad_accum}"
         )
     shards = mesh.batch_shards(device_mesh)
     if schedule.batch_size % (shards * per_prompt) or schedule.eval_batch_size % shards:
@@ -473,7 +480,8 @@ def run(workdir: str | pathlib.Path, title: str) -> list[dict[str, Any]]:
     device_mesh = mesh.make_mesh()
     layout = mesh.Layout()
     placement = layout.placement(device_mesh)
-    check_schedule(schedule, cfg, device_mesh)
+    optim = train_state.OptimizerConfig()
+    check_schedule(schedule, cfg, optim, device_mesh)
     gkd.check_rollouts(cfg, rollout_sampling, mixture.on_policy_fraction)
 
     with mesh.main_process_first("inputs ready"):  # they may be built into a shared cache
@@ -606,13 +614,13 @@ def run(workdir: str | pathlib.Path, title: str) -> list[dict[str, Any]]:
         )
         score("student/eval/0", student_params, roles.student, "eval", evaluate_on, specs.eval, 0)
 
-        optimizer = distill.make_optimizer(cfg, schedule.steps)
+        optimizer = train_state.make_optimizer(optim, schedule.steps)
         state = update.create_state(
             roles, student_params, optimizer, schedule.seed, student_sharding
         )
         frozen_sharding = jax.tree.map(lambda x: x.sharding, frozen)
         shardings = update.step_shardings(state, frozen_sharding, placement)
-        update_step = update.make_update_step(roles, cfg, optimizer, shardings)
+        update_step = update.make_update_step(roles, cfg, optimizer, shardings, optim.grad_accum)
         sample_cfg = rollout_sampling.config(schedule.completion_len, tokenizer)
         roll = update.make_rollout(roles, mixture, sample_cfg, shardings)
         reward = reward_fn(task)

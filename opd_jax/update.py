@@ -21,10 +21,10 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from opd_jax import distill, gkd, lora, mesh, opsd, sampling
-from opd_jax.distill import DistillBatch, TrainState
+from opd_jax import distill, gkd, lora, mesh, opsd, sampling, train_state
 from opd_jax.lora import LoraConfig
 from opd_jax.model import ModelConfig, Params
+from opd_jax.train_state import DistillBatch, TrainState
 
 # {"teacher": a separate teacher's params or None, "base": the LoRA base / the fixed
 # self-teacher's weights, or None}; never differentiated, never checkpointed.
@@ -98,7 +98,7 @@ def init_state(
         trainable = lora.init(
             student_params, roles.lora, jax.random.fold_in(jax.random.key(seed), 1)
         )
-    state = distill.init_train_state(trainable, optimizer, seed)
+    state = train_state.init_train_state(trainable, optimizer, seed)
     if roles.teacher_kind == "ema":
         state = state.replace(ema_params=jax.tree.map(jnp.copy, state.params))
     return state
@@ -166,10 +166,11 @@ def make_update_step(
     cfg: distill.DistillConfig,
     optimizer: optax.GradientTransformation,
     shardings: mesh.StepShardings | None = None,
+    grad_accum: int = 1,
 ):
     """update(state, frozen, batch) -> (state, metrics), jitted, state donated; metrics as
-    `distill.loss_terms` gives them (replicated on a mesh). Without `shardings`, one
-    device."""
+    `distill.loss_terms` gives them (replicated on a mesh), accumulated over `grad_accum`
+    micro-batches. Without `shardings`, one device."""
     distill.check_vocab(roles.teacher, roles.student)
 
     def loss_shares(trainable, frozen_and_ema, micro, counts):
@@ -186,7 +187,7 @@ def make_update_step(
         )
         return distill.loss_terms(terms, micro, cfg, counts)
 
-    inner = distill.make_update(loss_shares, cfg.grad_accum, optimizer)
+    inner = train_state.make_update(loss_shares, grad_accum, optimizer)
 
     def update(state: TrainState, frozen: Frozen, batch: DistillBatch):
         new_state, metrics = inner(state, (frozen, state.ema_params), batch)
@@ -198,7 +199,7 @@ def make_update_step(
             new_state = new_state.replace(ema_params=jax.tree.map(keep, averaged, state.ema_params))
         return new_state, metrics
 
-    return distill.jit_update(update, shardings)
+    return train_state.jit_update(update, shardings)
 
 
 def make_rollout(
@@ -252,7 +253,7 @@ def make_rollout(
             placement,
         )
         completions, on_B = gkd.mixture_completions(
-            mixture, distill.step_key(state), student, teacher, target_BxN, target_valid_BxN
+            mixture, train_state.step_key(state), student, teacher, target_BxN, target_valid_BxN
         )
         batch = DistillBatch(
             prompt_BxP=prompt_BxP,

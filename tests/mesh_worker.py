@@ -28,6 +28,7 @@ from opd_jax import (  # noqa: E402
     model,
     opsd,
     sampling,
+    train_state,
     update,
 )
 
@@ -36,7 +37,8 @@ TEACHER = model.ModelConfig(
 )
 STUDENT = dataclasses.replace(TEACHER, n_layers=1)
 BATCH, PROMPT, TEACHER_PROMPT, NEW = 8, 6, 9, 5
-CFG = distill.DistillConfig(divergence="jsd", learning_rate=1e-2, warmup_steps=0, vocab_chunk=2)
+CFG = distill.DistillConfig(divergence="jsd", vocab_chunk=2)
+OPTIM = train_state.OptimizerConfig(learning_rate=1e-2, warmup_steps=0)
 SAMPLING = sampling.SamplingConfig(max_new_tokens=NEW, temperature=1.0)
 # GKD: a separate teacher, full fine-tuning. OPSD: the student teaches itself from a
 # wider, privileged context, through LoRA adapters and a moving-average teacher.
@@ -83,7 +85,7 @@ def distill_steps(kind: str, device_mesh, num_steps: int, state=None):
     Returns the final state and, per step, the sampled tokens and the loss.
     """
     roles = ROLES[kind]
-    optimizer = distill.make_optimizer(CFG, total_steps=100)
+    optimizer = train_state.make_optimizer(OPTIM, total_steps=100)
     placement = mesh.Layout().placement(device_mesh)
     fresh, student = fresh_state(kind, device_mesh, optimizer)
     state = fresh if state is None else state
@@ -156,7 +158,7 @@ def gkd_run(out: pathlib.Path, restore_from: str | None, steps: int) -> None:
     device_mesh = mesh.make_mesh((-1, 1, 1))
     state = None
     if restore_from is not None:
-        optimizer = distill.make_optimizer(CFG, total_steps=100)
+        optimizer = train_state.make_optimizer(OPTIM, total_steps=100)
         init, _ = fresh_state("gkd", device_mesh, optimizer)
         state = loop.restore_latest(loop.manager(restore_from), loop.abstract(init), STUDENT)
     state, _, losses = distill_steps("gkd", device_mesh, steps, state)

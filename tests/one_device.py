@@ -6,9 +6,16 @@ from opd_jax import distill, gkd, sampling, update
 from opd_jax.model import ModelConfig
 
 
-def gkd_update(student: ModelConfig, teacher: ModelConfig, cfg: distill.DistillConfig, optimizer):
+def gkd_update(
+    student: ModelConfig,
+    teacher: ModelConfig,
+    cfg: distill.DistillConfig,
+    optimizer,
+    grad_accum: int = 1,
+):
     """update(state, teacher_params, batch) -> (state, metrics), state donated."""
-    step = update.make_update_step(update.Roles(student, teacher), cfg, optimizer)
+    roles = update.Roles(student, teacher)
+    step = update.make_update_step(roles, cfg, optimizer, grad_accum=grad_accum)
     return lambda state, teacher_params, batch: step(state, _frozen(teacher_params), batch)
 
 

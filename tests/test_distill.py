@@ -13,7 +13,7 @@ import optax
 import pytest
 from one_device import gkd_rollout, gkd_update
 
-from opd_jax import distill, gkd, losses, model, sampling
+from opd_jax import distill, gkd, losses, model, sampling, train_state
 from opd_jax.model import ModelConfig
 
 TEACHER = ModelConfig(
@@ -29,7 +29,7 @@ def _batch(batch_size: int, seed: int = 0, prompt_len: int = 6, completion_len: 
     completion_lengths = rng.integers(1, completion_len + 1, batch_size)
     prompt_valid = np.arange(prompt_len)[None] >= (prompt_len - prompt_lengths)[:, None]
     mask = (np.arange(completion_len)[None] < completion_lengths[:, None]).astype(np.float32)
-    return distill.DistillBatch(
+    return train_state.DistillBatch(
         prompt_BxP=jnp.asarray(rng.integers(0, TEACHER.vocab_size, (batch_size, prompt_len))),
         prompt_valid_BxP=jnp.asarray(prompt_valid),
         completion_BxN=jnp.asarray(
@@ -39,9 +39,12 @@ def _batch(batch_size: int, seed: int = 0, prompt_len: int = 6, completion_len: 
     )
 
 
-def _setup(cfg: distill.DistillConfig, student=STUDENT, seed=0):
-    optimizer = distill.make_optimizer(cfg, total_steps=100)
-    state = distill.init_train_state(model.init_params(student, jax.random.key(seed)), optimizer, 0)
+def _setup(cfg: distill.DistillConfig, student=STUDENT, seed=0, optim=None):
+    optim = optim or train_state.OptimizerConfig()
+    optimizer = train_state.make_optimizer(optim, total_steps=100)
+    state = train_state.init_train_state(
+        model.init_params(student, jax.random.key(seed)), optimizer, 0
+    )
     return state, _teacher(), gkd_update(student, TEACHER, cfg, optimizer)
 
 
@@ -57,7 +60,7 @@ def _rollout(temperature: float = 1.0):
     return gkd_rollout(STUDENT, TEACHER, gkd.MixtureConfig(1.0), settings)
 
 
-def _rolled(state, teacher, prompts: distill.DistillBatch, temperature: float = 1.0):
+def _rolled(state, teacher, prompts: train_state.DistillBatch, temperature: float = 1.0):
     """The student's completions of `prompts` at `state`'s step key."""
     targets = (prompts.completion_BxN, prompts.completion_mask_BxN > 0)
     batch, _ = _rollout(temperature)(
@@ -112,12 +115,14 @@ def test_every_objective_gin_choice_lowers_the_exact_divergence(name):
     fixed rollout batch. Measured final / first: full 0.88-0.89, teacher_topk 0.92-0.94,
     student_topk 0.95-0.97, pg and k3 0.966, k1 0.988 (its pathwise term is zero-mean
     noise); a wrong-signed or biased gradient raises it instead."""
-    training = ("learning_rate = 1e-3", "warmup_steps = 0")
-    gin.parse_config([f"DistillConfig.{b}" for b in GIN_CHOICES[name] + training])
+    training = ("OptimizerConfig.learning_rate = 1e-3", "OptimizerConfig.warmup_steps = 0")
+    gin.parse_config([f"DistillConfig.{b}" for b in GIN_CHOICES[name]] + list(training))
     cfg = distill.DistillConfig()
     assert name.split("-")[0] in (cfg.estimator, cfg.topk_form)
-    optimizer = distill.make_optimizer(cfg, total_steps=100)
-    state = distill.init_train_state(model.init_params(STUDENT, jax.random.key(0)), optimizer, 0)
+    optimizer = train_state.make_optimizer(train_state.OptimizerConfig(), total_steps=100)
+    state = train_state.init_train_state(
+        model.init_params(STUDENT, jax.random.key(0)), optimizer, 0
+    )
     start = _flat(state.params)
     update = gkd_update(STUDENT, TEACHER, cfg, optimizer)
     teacher, prompts = _teacher(), _batch(64)
@@ -137,7 +142,7 @@ def _gradient_fn(cfg: distill.DistillConfig, teacher):
 
     def loss(params, batch):
         terms = distill.per_token_terms(params, teacher, batch, STUDENT, TEACHER, cfg)
-        return distill.loss_terms(terms, batch, cfg, distill.batch_counts(batch))["loss"]
+        return distill.loss_terms(terms, batch, cfg, train_state.batch_counts(batch))["loss"]
 
     return jax.jit(lambda params, batch: _flat(jax.grad(loss)(params, batch)))
 
@@ -156,7 +161,7 @@ def test_sampled_update_follows_the_exact_reverse_kl_gradient(rollout_temperatur
         lambda x: x * 5.0 if x.ndim >= 2 else x, model.init_params(STUDENT, jax.random.key(0))
     )
     optimizer = optax.sgd(1.0)
-    state = distill.init_train_state(params, optimizer, 0)
+    state = train_state.init_train_state(params, optimizer, 0)
     exact_cfg = distill.DistillConfig(divergence="reverse_kl")
     pg_cfg = distill.DistillConfig(divergence="reverse_kl", estimator="pg")
     exact_grad, pg_grad = _gradient_fn(exact_cfg, teacher), _gradient_fn(pg_cfg, teacher)
@@ -190,9 +195,10 @@ def test_a_real_pruned_student_moves_toward_its_teacher(real_models):
     student_config, student_params = model.select_layers(
         teacher_params, teacher_config, model.evenly_spaced_layers(teacher_config.n_layers, 4)
     )
-    cfg = distill.DistillConfig(divergence="jsd", learning_rate=1e-4, warmup_steps=0)
-    optimizer = distill.make_optimizer(cfg, total_steps=100)
-    state = distill.init_train_state(student_params, optimizer, 0)
+    cfg = distill.DistillConfig(divergence="jsd")
+    optim = train_state.OptimizerConfig(learning_rate=1e-4, warmup_steps=0)
+    optimizer = train_state.make_optimizer(optim, total_steps=100)
+    state = train_state.init_train_state(student_params, optimizer, 0)
     update = gkd_update(student_config, teacher_config, cfg, optimizer)
     batch = dataclasses.replace(_batch(2, prompt_len=8, completion_len=6))
     batch = batch.replace(
@@ -215,7 +221,7 @@ def test_gradient_accumulation_equals_one_big_batch(estimator, rl):
     sgd = optax.sgd(1.0)
     params = model.init_params(STUDENT, jax.random.key(0))
     teacher = _teacher()
-    state = distill.init_train_state(params, sgd, 0)
+    state = train_state.init_train_state(params, sgd, 0)
     batch = _rolled(state, teacher, _batch(8, seed=3))
     lengths = np.asarray(batch.completion_mask_BxN).reshape(4, -1).sum(axis=1)
     assert len(set(lengths.tolist())) > 1  # micro-batches of unequal token counts
@@ -227,11 +233,9 @@ def test_gradient_accumulation_equals_one_big_batch(estimator, rl):
             divergence="reverse_kl",
             estimator=estimator,
             rl_alpha=0.5 if rl else 1.0,
-            grad_accum=accum,
-            max_grad_norm=1e9,
         )
-        update = gkd_update(STUDENT, TEACHER, cfg, sgd)
-        results.append(update(distill.init_train_state(params, sgd, 0), teacher, batch))
+        update = gkd_update(STUDENT, TEACHER, cfg, sgd, grad_accum=accum)
+        results.append(update(train_state.init_train_state(params, sgd, 0), teacher, batch))
     (one, one_metrics), (four, four_metrics) = results
     # One float32 sum split into four partial sums: measured <= 6.7e-7 relative on the
     # metrics, <= 1.7e-8 absolute on logprob_mismatch (itself rounding, ~1e-7) and
@@ -256,16 +260,14 @@ def test_remat_does_not_change_the_update():
     _, teacher, _ = _setup(distill.DistillConfig())
     steps = (  # (make(remat) -> update, its frozen argument)
         (
-            lambda remat: gkd_update(
-                STUDENT, TEACHER, distill.DistillConfig(remat=remat, max_grad_norm=1e9), sgd
-            ),
+            lambda remat: gkd_update(STUDENT, TEACHER, distill.DistillConfig(remat=remat), sgd),
             teacher,
         ),
         (lambda remat: distill.make_sft_step(STUDENT, 1, sgd, remat=remat), None),
     )
     for make, frozen in steps:
-        kept, _ = make(False)(distill.init_train_state(params, sgd, 0), frozen, batch)
-        recomputed, _ = make(True)(distill.init_train_state(params, sgd, 0), frozen, batch)
+        kept, _ = make(False)(train_state.init_train_state(params, sgd, 0), frozen, batch)
+        recomputed, _ = make(True)(train_state.init_train_state(params, sgd, 0), frozen, batch)
         moved = jax.tree.map(lambda a, b: float(jnp.max(jnp.abs(a - b))), kept.params, params)
         assert max(jax.tree.leaves(moved)) > 1e-3  # the step did something to compare
         # Measured identical; the tolerance leaves room for another fusion of the
@@ -293,9 +295,11 @@ def test_loss_is_the_mean_over_real_tokens_only():
 
 
 def test_sft_step_lowers_the_completion_nll():
-    cfg = distill.DistillConfig(learning_rate=3e-3, warmup_steps=0)
-    optimizer = distill.make_optimizer(cfg, total_steps=100)
-    state = distill.init_train_state(model.init_params(STUDENT, jax.random.key(0)), optimizer, 0)
+    optim = train_state.OptimizerConfig(learning_rate=3e-3, warmup_steps=0)
+    optimizer = train_state.make_optimizer(optim, total_steps=100)
+    state = train_state.init_train_state(
+        model.init_params(STUDENT, jax.random.key(0)), optimizer, 0
+    )
     update = distill.make_sft_step(STUDENT, 1, optimizer)
     batch = _batch(4)
     losses_seen = []
@@ -340,17 +344,17 @@ def test_task_reward_changes_the_update_at_group_size_one():
     sgd = optax.sgd(1.0)
     params = model.init_params(STUDENT, jax.random.key(0))
     teacher = _teacher()
-    batch = _rolled(distill.init_train_state(params, sgd, 0), teacher, _batch(8, seed=5))
+    batch = _rolled(train_state.init_train_state(params, sgd, 0), teacher, _batch(8, seed=5))
     mask = np.asarray(batch.completion_mask_BxN)
     high_ids = (np.asarray(batch.completion_BxN) >= TEACHER.vocab_size // 2) * mask
     rewards = high_ids.sum(axis=1) / mask.sum(axis=1)  # the task: use high token ids
     advantages = gkd.group_advantages(rewards, group_size=1)
     assert np.abs(advantages).max() > 0.5
-    cfg = distill.DistillConfig(divergence="reverse_kl", rl_alpha=0.5, max_grad_norm=1e9)
+    cfg = distill.DistillConfig(divergence="reverse_kl", rl_alpha=0.5)
     update = gkd_update(STUDENT, TEACHER, cfg, sgd)
-    plain, _ = update(distill.init_train_state(params, sgd, 0), teacher, batch)
+    plain, _ = update(train_state.init_train_state(params, sgd, 0), teacher, batch)
     rewarded_batch = batch.replace(advantage_B=jnp.asarray(advantages))
-    rewarded, _ = update(distill.init_train_state(params, sgd, 0), teacher, rewarded_batch)
+    rewarded, _ = update(train_state.init_train_state(params, sgd, 0), teacher, rewarded_batch)
     assert float(jnp.max(jnp.abs(_flat(rewarded.params) - _flat(plain.params)))) > 1e-3
 
 
@@ -360,12 +364,12 @@ def test_logged_divergence_is_exact_whatever_the_estimator():
     sgd = optax.sgd(1.0)
     params = model.init_params(STUDENT, jax.random.key(0))
     teacher = _teacher()
-    batch = _rolled(distill.init_train_state(params, sgd, 0), teacher, _batch(8, seed=6))
+    batch = _rolled(train_state.init_train_state(params, sgd, 0), teacher, _batch(8, seed=6))
     metrics = {}
     for estimator in ("full", "pg"):
         cfg = distill.DistillConfig(divergence="reverse_kl", estimator=estimator)
         update = gkd_update(STUDENT, TEACHER, cfg, sgd)
-        _, metrics[estimator] = update(distill.init_train_state(params, sgd, 0), teacher, batch)
+        _, metrics[estimator] = update(train_state.init_train_state(params, sgd, 0), teacher, batch)
     pg, full = metrics["pg"], metrics["full"]
     # One computation, two compiled programs: measured exactly equal.
     np.testing.assert_allclose(pg["divergence"], full["divergence"], rtol=1e-6)
@@ -377,7 +381,7 @@ def test_logged_divergence_is_exact_whatever_the_estimator():
 def test_logprob_mismatch_compares_sampler_and_learner_on_sampled_rows_only():
     params = model.init_params(STUDENT, jax.random.key(0))
     teacher = _teacher()
-    state = distill.init_train_state(params, optax.sgd(1.0), 0)
+    state = train_state.init_train_state(params, optax.sgd(1.0), 0)
     batch = _rolled(state, teacher, _batch(8, seed=7))
     cfg = distill.DistillConfig(temperature=0.5)  # the metric is at temperature 1 anyway
     update = gkd_update(STUDENT, TEACHER, cfg, optax.sgd(0.0))
@@ -412,8 +416,9 @@ def test_invalid_objective_bindings_fail_when_the_config_is_built(kwargs, messag
 
 
 def test_positive_advantage_raises_the_completion_likelihood():
-    cfg = distill.DistillConfig(rl_alpha=0.0, learning_rate=1e-2, warmup_steps=0)
-    state, teacher, update = _setup(cfg)
+    cfg = distill.DistillConfig(rl_alpha=0.0)
+    optim = train_state.OptimizerConfig(learning_rate=1e-2, warmup_steps=0)
+    state, teacher, update = _setup(cfg, optim=optim)
     batch = _batch(2, seed=4).replace(advantage_B=jnp.asarray([1.0, -1.0]))
     hidden = lambda p: distill.completion_hidden(
         p,
@@ -443,7 +448,7 @@ def test_vocabulary_mismatch_fails_with_both_sizes():
             student,
             teacher,
             distill.DistillConfig(),
-            distill.make_optimizer(distill.DistillConfig(), total_steps=100),
+            train_state.make_optimizer(train_state.OptimizerConfig(), total_steps=100),
         )
 
 
@@ -455,16 +460,16 @@ def test_non_finite_loss_keeps_the_state_and_names_the_step_and_terms():
     assert not bool(metrics["finite"])
     assert int(state.step) == 0
     jax.tree.map(np.testing.assert_array_equal, jax.device_get(state.params), before.params)
-    with pytest.raises(distill.NonFiniteLossError, match=r"step 0: .*divergence.*loss"):
-        distill.raise_if_not_finite(0, jax.device_get(metrics))
+    with pytest.raises(train_state.NonFiniteLossError, match=r"step 0: .*divergence.*loss"):
+        train_state.raise_if_not_finite(0, jax.device_get(metrics))
 
 
 def test_step_key_depends_only_on_seed_and_step():
-    optimizer = distill.make_optimizer(distill.DistillConfig(), total_steps=100)
+    optimizer = train_state.make_optimizer(train_state.OptimizerConfig(), total_steps=100)
     params = model.init_params(STUDENT, jax.random.key(0))
-    a = distill.init_train_state(params, optimizer, seed=5)
-    b = distill.init_train_state(params, optimizer, seed=5)
-    key_data = lambda s: jax.random.key_data(distill.step_key(s))
+    a = train_state.init_train_state(params, optimizer, seed=5)
+    b = train_state.init_train_state(params, optimizer, seed=5)
+    key_data = lambda s: jax.random.key_data(train_state.step_key(s))
     np.testing.assert_array_equal(key_data(a), key_data(b))
     later = a.replace(step=a.step + 1)
     assert not np.array_equal(key_data(a), key_data(later))

@@ -17,7 +17,7 @@ import pytest
 import torch
 import transformers
 
-from opd_jax import checkpoints, distill, export, loop, lora, model, opsd, update
+from opd_jax import checkpoints, export, loop, lora, model, opsd, train_state, update
 from opd_jax import tokenizer as tokenizer_lib
 from opd_jax.model import ModelConfig, Params
 
@@ -46,10 +46,10 @@ def _save_stage(workdir: pathlib.Path, stage: str, step: int, state, architectur
     loop.save(loop.manager(workdir / stage), step, state, architecture)
 
 
-def _train_state(params: Params) -> distill.TrainState:
+def _train_state(params: Params) -> train_state.TrainState:
     """A state as the run saves it: AdamW moments beside the params."""
-    optimizer = distill.make_optimizer(distill.DistillConfig(), total_steps=10)
-    return distill.init_train_state(params, optimizer, seed=0)
+    optimizer = train_state.make_optimizer(train_state.OptimizerConfig(), total_steps=10)
+    return train_state.init_train_state(params, optimizer, seed=0)
 
 
 @pytest.fixture(scope="module")
@@ -141,7 +141,7 @@ def test_lora_student_exports_merged(smollm_source, pruned, smollm_tokenizer, tm
     fine_tuned = _perturbed(base, 3, 0.05)
     lora_config = lora.LoraConfig(rank=4, alpha=8.0, targets=("q", "v", "down"))
     roles = update.Roles(config, config, opsd.SelfTeacher("ema"), lora_config)
-    optimizer = distill.make_optimizer(distill.DistillConfig(), total_steps=10)
+    optimizer = train_state.make_optimizer(train_state.OptimizerConfig(), total_steps=10)
     state = update.init_state(roles, fine_tuned, optimizer, seed=0)
     keys = iter(jax.random.split(jax.random.key(4), 2 * len(lora_config.targets)))
     adapters = jax.tree.map(

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from one_device import gkd_rollout
 
-from opd_jax import config, distill, gkd, model, sampling
+from opd_jax import config, distill, gkd, model, sampling, train_state
 from opd_jax.model import ModelConfig
 
 CONFIG = ModelConfig(
@@ -35,8 +35,8 @@ def inputs():
 
 
 def _state(step=0, seed=0):
-    optimizer = distill.make_optimizer(distill.DistillConfig(), total_steps=100)
-    state = distill.init_train_state(_params(0), optimizer, seed)
+    optimizer = train_state.make_optimizer(train_state.OptimizerConfig(), total_steps=100)
+    state = train_state.init_train_state(_params(0), optimizer, seed)
     return state.replace(step=jnp.asarray(step, jnp.int32))
 
 
@@ -53,7 +53,7 @@ def _student_samples(params, inputs, key):
 
 def test_lambda_one_is_the_students_own_samples_with_their_logprobs(inputs):
     batch, on_B = _roll(gkd.MixtureConfig(on_policy_fraction=1.0), inputs)
-    student_key = jax.random.split(distill.step_key(_state()), 3)[1]
+    student_key = jax.random.split(train_state.step_key(_state()), 3)[1]
     expected = _student_samples(_params(0), inputs, student_key)
     assert on_B.all() and batch.on_policy_B.all()
     np.testing.assert_array_equal(batch.completion_BxN, expected.tokens_BxN)
@@ -82,7 +82,7 @@ def test_lambda_zero_is_the_dataset_targets(inputs):
 def test_sequence_level_kd_samples_the_teacher_and_keeps_no_student_logprobs(inputs):
     mixture = gkd.MixtureConfig(on_policy_fraction=0.0, fixed_source="teacher")
     batch, _ = _roll(mixture, inputs)
-    teacher_key = jax.random.split(distill.step_key(_state()), 3)[2]
+    teacher_key = jax.random.split(train_state.step_key(_state()), 3)[2]
     expected = _student_samples(_params(1), inputs, teacher_key)
     np.testing.assert_array_equal(batch.completion_BxN, expected.tokens_BxN)
     _assert_no_sampler_logprobs(batch)

@@ -7,7 +7,7 @@ import jax
 import numpy as np
 import pytest
 
-from opd_jax import distill, loop, model
+from opd_jax import loop, model, train_state
 from opd_jax.model import ModelConfig
 
 CONFIG = ModelConfig(
@@ -15,10 +15,10 @@ CONFIG = ModelConfig(
 )
 
 
-def _state(seed: int) -> distill.TrainState:
+def _state(seed: int) -> train_state.TrainState:
     params = model.init_params(CONFIG, jax.random.key(seed))
-    optimizer = distill.make_optimizer(distill.DistillConfig(), total_steps=100)
-    return distill.init_train_state(params, optimizer, seed)
+    optimizer = train_state.make_optimizer(train_state.OptimizerConfig(), total_steps=100)
+    return train_state.init_train_state(params, optimizer, seed)
 
 
 def _assert_same(a, b):

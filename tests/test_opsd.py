@@ -8,7 +8,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from opd_jax import data, distill, loop, lora, mesh, model, opsd, update
+from opd_jax import data, distill, loop, lora, mesh, model, opsd, train_state, update
 from opd_jax import tokenizer as tokenizer_lib
 from opd_jax.model import ModelConfig
 
@@ -32,7 +32,7 @@ def _batch(seed=0, batch=3, student_len=5, teacher_len=9, completion_len=6):
     )
     lengths = rng.integers(1, completion_len + 1, batch)
     mask = (np.arange(completion_len)[None] < lengths[:, None]).astype(np.float32)
-    return distill.DistillBatch(
+    return train_state.DistillBatch(
         prompt_BxP=prompt,
         prompt_valid_BxP=valid,
         completion_BxN=jnp.asarray(rng.integers(0, CONFIG.vocab_size, (batch, completion_len))),
@@ -77,8 +77,9 @@ def _run(teacher, decay=0.9, steps=3, lora_cfg=LORA):
         lambda x: 4.0 * x if x.ndim >= 2 else x, model.init_params(CONFIG, jax.random.key(0))
     )
     roles = update.Roles(CONFIG, CONFIG, opsd.SelfTeacher(teacher, decay), lora_cfg)
-    cfg = distill.DistillConfig(divergence="reverse_kl", learning_rate=1e-2, warmup_steps=0)
-    optimizer = distill.make_optimizer(cfg, 100)
+    cfg = distill.DistillConfig(divergence="reverse_kl")
+    optim = train_state.OptimizerConfig(learning_rate=1e-2, warmup_steps=0)
+    optimizer = train_state.make_optimizer(optim, 100)
     placement = mesh.Layout().placement(mesh.make_mesh((1, 1, 1), devices=jax.devices()[:1]))
     base = mesh.place_params(base, placement.params(CONFIG))
     state = update.create_state(roles, base, optimizer, 0, placement.params(CONFIG))

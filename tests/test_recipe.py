@@ -209,7 +209,7 @@ def test_every_objective_runs_end_to_end_from_gin(name, tiny_teacher_dir, tmp_pa
         "Schedule.completion_len = 4",
         "Schedule.prompt_len = 80",
         "MixtureConfig.on_policy_fraction = 1.0",
-        "DistillConfig.learning_rate = 1e-2",
+        "OptimizerConfig.learning_rate = 1e-2",
         *(f"DistillConfig.{binding}" for binding in GIN_CHOICES[name]),
     ]
     _run(gkd_arithmetic.GIN_FILE, tmp_path, extra)
