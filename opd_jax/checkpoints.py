@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import pathlib
+import re
 from collections.abc import Iterator
 from typing import Any
 
@@ -70,16 +71,6 @@ def _rope_to_hf(rope: RopeConfig) -> dict[str, Any]:
     return out
 
 
-def _gemma3_layer_types(hf: dict[str, Any]) -> list[str]:
-    if hf.get("layer_types"):
-        return list(hf["layer_types"])
-    pattern = int(hf.get("sliding_window_pattern", 6))
-    return [
-        "full_attention" if (i + 1) % pattern == 0 else "sliding_attention"
-        for i in range(hf["num_hidden_layers"])
-    ]
-
-
 def config_from_hf(hf: dict[str, Any]) -> ModelConfig:
     """Our config from a Hugging Face config.json dict (transformers 4.x and 5.x forms)."""
     if "text_config" in hf:
@@ -113,6 +104,11 @@ def config_from_hf(hf: dict[str, Any]) -> ModelConfig:
     if family == "gemma3":
         per_type = rope_params if rope_params and "full_attention" in rope_params else {}
         local_theta = float(hf.get("rope_local_base_freq", 10000.0))
+        pattern = int(hf.get("sliding_window_pattern", 6))  # older configs: every 6th is full
+        layer_types = hf.get("layer_types") or [
+            "full_attention" if (i + 1) % pattern == 0 else "sliding_attention"
+            for i in range(hf["num_hidden_layers"])
+        ]
         fields.update(
             rope=_rope_from_hf(per_type.get("full_attention", rope_params), rope_theta),
             local_rope=_rope_from_hf(per_type.get("sliding_attention"), local_theta),
@@ -122,7 +118,7 @@ def config_from_hf(hf: dict[str, Any]) -> ModelConfig:
             embed_scale=True,
             query_pre_attn_scalar=float(hf.get("query_pre_attn_scalar", 256)),
             sliding_window=int(hf.get("sliding_window", 512)),
-            sliding_layers=tuple(t == "sliding_attention" for t in _gemma3_layer_types(hf)),
+            sliding_layers=tuple(t == "sliding_attention" for t in layer_types),
         )
         for softcap in ("final_logit_softcapping", "attn_logit_softcapping"):
             if hf.get(softcap):
@@ -298,14 +294,6 @@ def _read_safetensors(path: pathlib.Path) -> Iterator[tuple[str, np.ndarray]]:
         raise CheckpointError(f"{path}: not a readable safetensors file ({err})") from None
 
 
-def _strip_multimodal_prefix(name: str) -> str:
-    """Gemma 3 multimodal checkpoints nest the text model under `language_model.`."""
-    for prefix in ("language_model.", "model.language_model."):
-        if name.startswith(prefix):
-            return "model." + name[len(prefix) :].removeprefix("model.")
-    return name
-
-
 def load_hf_dir(
     directory: str | pathlib.Path, dtype: Any = jnp.float32
 ) -> tuple[ModelConfig, Params]:
@@ -322,7 +310,9 @@ def load_hf_dir(
         files = [_require(directory / s, "safetensors shard named in the index") for s in shards]
     else:
         files = [_require(directory / "model.safetensors", "model.safetensors")]
-    tensors = {_strip_multimodal_prefix(k): v for f in files for k, v in _read_safetensors(f)}
+    # Gemma 3 multimodal checkpoints nest the text model under `language_model.`
+    text_model = re.compile(r"^(model\.)?language_model\.(model\.)?")
+    tensors = {text_model.sub("model.", k): v for f in files for k, v in _read_safetensors(f)}
     return config, params_from_hf(config, tensors, dtype)
 
 
@@ -379,7 +369,7 @@ def _unpermute_rotary(w: np.ndarray, n_heads: int) -> np.ndarray:
     return w.reshape(n_heads, w.shape[0] // n_heads // 2, 2, -1).swapaxes(1, 2).reshape(w.shape)
 
 
-def _dequantize(tensor: Any, path: pathlib.Path) -> np.ndarray:
+def _dequantize(tensor: gguf.ReaderTensor, path: pathlib.Path) -> np.ndarray:
     try:
         return np.asarray(gguf.quants.dequantize(tensor.data, tensor.tensor_type), np.float32)
     except NotImplementedError:
@@ -405,9 +395,7 @@ def load_gguf(path: str | pathlib.Path, dtype: Any = jnp.float32) -> tuple[Model
     gguf_names = gguf.get_tensor_name_map(arch, config.n_layers)
     top, layer = _hf_layout(config)
     names = [name for name, _ in top.values()]
-    names += [
-        f"model.layers.{i}.{name}" for name, _ in layer.values() for i in range(config.n_layers)
-    ]
+    names += [f"model.layers.{i}.{n}" for n, _ in layer.values() for i in range(config.n_layers)]
     tensors = {}
     for name in names:
         tensor = in_file.get(gguf_names.get_name(name, try_suffixes=(".weight", ".bias")))
@@ -442,6 +430,4 @@ def resolve(spec: str | pathlib.Path) -> pathlib.Path:
 def load(spec: str | pathlib.Path, dtype: Any = jnp.float32) -> tuple[ModelConfig, Params]:
     """(config, params) from a preset name, a `.gguf` file or a HF checkpoint directory."""
     path = resolve(spec)
-    if path.is_dir():
-        return load_hf_dir(path, dtype)
-    return load_gguf(path, dtype)
+    return load_hf_dir(path, dtype) if path.is_dir() else load_gguf(path, dtype)
