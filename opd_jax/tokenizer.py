@@ -43,10 +43,7 @@ _LLAMA3_SPLIT = (
     r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}"
     r"| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
 )
-_QWEN2_SPLIT = (
-    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}"
-    r"| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
-)
+_QWEN2_SPLIT = _LLAMA3_SPLIT.replace(r"\p{N}{1,3}", r"\p{N}")  # a number splits into digits
 _GGUF_PRE_SPLITS = {
     **dict.fromkeys(("llama3", "llama-v3", "llama-bpe"), _LLAMA3_SPLIT),
     **dict.fromkeys(("qwen2", "deepseek-r1-qwen"), _QWEN2_SPLIT),
@@ -106,6 +103,7 @@ class SentencePieceBackend:
 
 
 Backend = HFTokenizersBackend | SentencePieceBackend
+Messages = Sequence[Mapping[str, Any]]  # a conversation: {"role": ..., "content": ...} each
 
 
 # --------------------------------------------------------------------------- the interface
@@ -155,9 +153,7 @@ class Tokenizer:
             ids = [i for i in ids if i not in self.special_ids]
         return self.backend.decode(ids)
 
-    def apply_chat_template(
-        self, messages: Sequence[Mapping[str, Any]], add_generation_prompt: bool = True
-    ) -> str:
+    def apply_chat_template(self, messages: Messages, add_generation_prompt: bool = True) -> str:
         """The conversation rendered by the checkpoint's template, as transformers renders it."""
         if self.chat_template is None:
             raise ValueError(
@@ -171,9 +167,7 @@ class Tokenizer:
             **{name: token for name, token in specials.items() if token is not None},
         )
 
-    def encode_chat(
-        self, messages: Sequence[Mapping[str, Any]], add_generation_prompt: bool = True
-    ) -> list[int]:
+    def encode_chat(self, messages: Messages, add_generation_prompt: bool = True) -> list[int]:
         """Ids of the rendered conversation; the template writes any BOS it wants itself."""
         return self.encode(self.apply_chat_template(messages, add_generation_prompt))
 
@@ -260,14 +254,11 @@ def _byte_level_spelling(token: str) -> str:
 
 
 def _byte_level_bpe(
-    tokens: Sequence[str],
-    merges: Sequence[str],
-    types: Sequence[int],
-    pre: str | None,
-    path: pathlib.Path,
+    fields: Mapping[str, Any], tokens: list[str], types: list[int], path: pathlib.Path
 ) -> tokenizers.Tokenizer:
     """GPT-2 style BPE over the GGUF vocabulary, set up as transformers' GGUF loader does."""
     vocab = {_byte_level_spelling(token): i for i, token in enumerate(tokens)}
+    merges = _field(fields, "tokenizer.ggml.merges", path)
     try:
         model = tokenizers.models.BPE(vocab=vocab, merges=[tuple(m.split(" ")) for m in merges])
     except Exception as err:  # the Rust side reports every problem as a plain Exception
@@ -275,7 +266,8 @@ def _byte_level_bpe(
             f"{path}: tokenizer.ggml.merges do not fit the vocabulary ({err})"
         ) from None
     tok = tokenizers.Tokenizer(model)
-    split = _GGUF_PRE_SPLITS.get(pre)  # else GPT-2's split, the one ByteLevel makes itself
+    # No split of its own for the file's `pre`: GPT-2's, the one ByteLevel makes itself.
+    split = _GGUF_PRE_SPLITS.get(fields.get("tokenizer.ggml.pre"))
     steps = [] if split is None else [pre_tokenizers.Split(Regex(split), behavior="isolated")]
     byte_level = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=split is None)
     tok.pre_tokenizer = pre_tokenizers.Sequence([*steps, byte_level])
@@ -294,7 +286,7 @@ def _byte_level_bpe(
 
 
 def _sentencepiece_proto(
-    tokens: Sequence[str], types: Sequence[int], unk_id: int, add_dummy_prefix: bool
+    fields: Mapping[str, Any], tokens: list[str], types: list[int], path: pathlib.Path
 ) -> sentencepiece_model_pb2.ModelProto:
     """A BPE ModelProto from a GGUF vocabulary.
 
@@ -304,12 +296,13 @@ def _sentencepiece_proto(
     llama.cpp writes whitespace inside pieces as real spaces where sentencepiece spells it "▁".
     The normalizer is the identity, as in the sentencepiece models GGUF vocabularies come from.
     """
+    unk_id = _field(fields, "tokenizer.ggml.unknown_token_id", path)
     proto = sentencepiece_model_pb2.ModelProto()
     proto.trainer_spec.model_type = sentencepiece_model_pb2.TrainerSpec.BPE
     proto.trainer_spec.vocab_size = len(tokens)
     proto.trainer_spec.byte_fallback = _BYTE in types
     proto.normalizer_spec.name = "identity"
-    proto.normalizer_spec.add_dummy_prefix = add_dummy_prefix
+    proto.normalizer_spec.add_dummy_prefix = fields.get("tokenizer.ggml.add_space_prefix", True)
     proto.normalizer_spec.remove_extra_whitespaces = False
     proto.normalizer_spec.escape_whitespaces = True
     for i, (token, kind) in enumerate(zip(tokens, types, strict=True)):
@@ -427,14 +420,10 @@ def from_gguf(path: str | pathlib.Path) -> Tokenizer:
             f"{len(tokens)} tokenizer.ggml.tokens"
         )
     if kind == "gpt2":
-        merges = _field(fields, "tokenizer.ggml.merges", path)
-        bpe = _byte_level_bpe(tokens, merges, types, fields.get("tokenizer.ggml.pre"), path)
-        backend = HFTokenizersBackend(bpe)
+        backend = HFTokenizersBackend(_byte_level_bpe(fields, tokens, types, path))
         special = frozenset(i for i, k in enumerate(types) if k == _CONTROL)
     else:
-        unk_id = _field(fields, "tokenizer.ggml.unknown_token_id", path)
-        add_prefix = fields.get("tokenizer.ggml.add_space_prefix", True)
-        proto = _sentencepiece_proto(tokens, types, unk_id, add_prefix)
+        proto = _sentencepiece_proto(fields, tokens, types, path)
         backend, special = _sentencepiece_backend(proto, path)
     keys = {"bos": "bos", "eos": "eos", "pad": "padding", "unk": "unknown"}
     ids = {name: fields.get(f"tokenizer.ggml.{key}_token_id") for name, key in keys.items()}
@@ -449,13 +438,6 @@ def from_gguf(path: str | pathlib.Path) -> Tokenizer:
 
 
 # --------------------------------------------------------------------------- HF directory
-
-
-def _read_json(path: pathlib.Path) -> dict[str, Any]:
-    try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as err:
-        raise ValueError(f"{path}: not valid JSON ({err})") from None
 
 
 def _token_content(entry: Any) -> str | None:
@@ -474,19 +456,15 @@ def _hf_chat_template(directory: pathlib.Path, config: Mapping[str, Any]) -> str
     return template
 
 
-def _post_processor_adds(backend: Backend, token_id: int | None) -> bool:
-    """Whether tokenizer.json's post-processor puts `token_id` first, which is how transformers
-    decides to add BOS when tokenizer_config.json does not say."""
-    if not isinstance(backend, HFTokenizersBackend) or token_id is None:
-        return False
-    return backend.tokenizer.encode("", add_special_tokens=True).ids[:1] == [token_id]
-
-
 def from_hf_dir(path: str | pathlib.Path) -> Tokenizer:
     """The tokenizer of a Hugging Face directory: tokenizer.json, else tokenizer.model."""
     directory = _existing(path)
     config_file = directory / "tokenizer_config.json"
-    config = _read_json(config_file) if config_file.is_file() else {}
+    try:
+        text = config_file.read_text(encoding="utf-8") if config_file.is_file() else "{}"
+        config = json.loads(text)
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise ValueError(f"{config_file}: not valid JSON ({err})") from None
     json_file, model_file = directory / "tokenizer.json", directory / "tokenizer.model"
     if json_file.is_file():
         try:
@@ -495,6 +473,7 @@ def from_hf_dir(path: str | pathlib.Path) -> Tokenizer:
             raise ValueError(f"{json_file}: not a readable tokenizer.json ({err})") from None
         backend = HFTokenizersBackend(tok)
         special = frozenset(i for i, t in tok.get_added_tokens_decoder().items() if t.special)
+        post_processed = tok.encode("", add_special_tokens=True).ids  # what it adds to any text
     elif model_file.is_file():
         proto = sentencepiece_model_pb2.ModelProto()
         try:
@@ -502,6 +481,7 @@ def from_hf_dir(path: str | pathlib.Path) -> Tokenizer:
         except DecodeError as err:
             raise ValueError(f"{model_file}: not a readable sentencepiece model ({err})") from None
         backend, special = _sentencepiece_backend(proto, model_file)
+        post_processed = []
     else:
         raise FileNotFoundError(f"{directory}: has neither tokenizer.json nor tokenizer.model")
     ids = {
@@ -514,9 +494,8 @@ def from_hf_dir(path: str | pathlib.Path) -> Tokenizer:
         backend,
         special | {int(i) for i, t in added.items() if t.get("special")},
         ids,
-        add_bos_token=bool(
-            config.get("add_bos_token", _post_processor_adds(backend, ids.get("bos")))
-        ),
+        # Unless the config says, transformers adds BOS where tokenizer.json's post-processor does.
+        add_bos_token=bool(config.get("add_bos_token", post_processed[:1] == [ids.get("bos")])),
         chat_template=_hf_chat_template(directory, config),
     )
 
