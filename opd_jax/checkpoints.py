@@ -10,23 +10,29 @@ from __future__ import annotations
 
 import json
 import pathlib
-from collections.abc import Callable, Iterator
+import re
+from collections.abc import Iterator
 from typing import Any
 
+import gguf
+import jax
 import jax.numpy as jnp
 import numpy as np
+import safetensors
+import safetensors.numpy
 
 from opd_jax import assets
 from opd_jax.model import ModelConfig, Params, RopeConfig, param_shapes
 
-SUPPORTED_FAMILIES = ("llama", "qwen2", "qwen3", "gemma3")
-_MODEL_TYPE_TO_FAMILY = {
-    "llama": "llama",
-    "qwen2": "qwen2",
-    "qwen3": "qwen3",
-    "gemma3_text": "gemma3",
-    "gemma3": "gemma3",
+# Our family -> (HF model_type, HF architecture); GGUF files name their architecture by family.
+_FAMILIES = {
+    "llama": ("llama", "LlamaForCausalLM"),
+    "qwen2": ("qwen2", "Qwen2ForCausalLM"),
+    "qwen3": ("qwen3", "Qwen3ForCausalLM"),
+    "gemma3": ("gemma3_text", "Gemma3ForCausalLM"),
 }
+SUPPORTED_FAMILIES = tuple(_FAMILIES)
+_MODEL_TYPE_TO_FAMILY = {"gemma3": "gemma3"} | {hf: ours for ours, (hf, _) in _FAMILIES.items()}
 _SUPPORTED_DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
 
 
@@ -52,14 +58,17 @@ def _rope_from_hf(params: dict[str, Any] | None, default_theta: float) -> RopeCo
     )
 
 
-def _gemma3_layer_types(hf: dict[str, Any]) -> list[str]:
-    if hf.get("layer_types"):
-        return list(hf["layer_types"])
-    pattern = int(hf.get("sliding_window_pattern", 6))
-    return [
-        "full_attention" if (i + 1) % pattern == 0 else "sliding_attention"
-        for i in range(hf["num_hidden_layers"])
-    ]
+def _rope_to_hf(rope: RopeConfig) -> dict[str, Any]:
+    out: dict[str, Any] = {"rope_type": rope.scaling, "rope_theta": rope.theta}
+    if rope.scaling != "default":
+        out["factor"] = rope.factor
+    if rope.scaling == "llama3":
+        out.update(
+            low_freq_factor=rope.low_freq_factor,
+            high_freq_factor=rope.high_freq_factor,
+            original_max_position_embeddings=rope.original_max_position,
+        )
+    return out
 
 
 def config_from_hf(hf: dict[str, Any]) -> ModelConfig:
@@ -93,13 +102,16 @@ def config_from_hf(hf: dict[str, Any]) -> ModelConfig:
         family=family,
     )
     if family == "gemma3":
-        layer_types = _gemma3_layer_types(hf)
         per_type = rope_params if rope_params and "full_attention" in rope_params else {}
+        local_theta = float(hf.get("rope_local_base_freq", 10000.0))
+        pattern = int(hf.get("sliding_window_pattern", 6))  # older configs: every 6th is full
+        layer_types = hf.get("layer_types") or [
+            "full_attention" if (i + 1) % pattern == 0 else "sliding_attention"
+            for i in range(hf["num_hidden_layers"])
+        ]
         fields.update(
             rope=_rope_from_hf(per_type.get("full_attention", rope_params), rope_theta),
-            local_rope=_rope_from_hf(
-                per_type.get("sliding_attention"), float(hf.get("rope_local_base_freq", 10000.0))
-            ),
+            local_rope=_rope_from_hf(per_type.get("sliding_attention"), local_theta),
             qk_norm=True,
             post_norms=True,
             activation="gelu_tanh",
@@ -120,39 +132,13 @@ def config_from_hf(hf: dict[str, Any]) -> ModelConfig:
     return ModelConfig(**fields)
 
 
-_HF_MODEL_TYPE = {"llama": "llama", "qwen2": "qwen2", "qwen3": "qwen3", "gemma3": "gemma3_text"}
-_HF_ARCHITECTURE = {
-    "llama": "LlamaForCausalLM",
-    "qwen2": "Qwen2ForCausalLM",
-    "qwen3": "Qwen3ForCausalLM",
-    "gemma3": "Gemma3ForCausalLM",
-}
-
-
-def _rope_to_hf(rope: RopeConfig) -> dict[str, Any]:
-    out: dict[str, Any] = {"rope_type": rope.scaling, "rope_theta": rope.theta}
-    if rope.scaling != "default":
-        out["factor"] = rope.factor
-    if rope.scaling == "llama3":
-        out.update(
-            low_freq_factor=rope.low_freq_factor,
-            high_freq_factor=rope.high_freq_factor,
-            original_max_position_embeddings=rope.original_max_position,
-        )
-    return out
-
-
-def _plain_number(x: float | None) -> float | int | None:
-    """transformers validates some float-valued fields as int."""
-    return int(x) if x is not None and float(x).is_integer() else x
-
-
 def config_to_hf(config: ModelConfig) -> dict[str, Any]:
     """A config.json dict that transformers loads as the same architecture."""
     c = config
+    model_type, architecture = _FAMILIES[c.family]
     hf: dict[str, Any] = {
-        "architectures": [_HF_ARCHITECTURE[c.family]],
-        "model_type": _HF_MODEL_TYPE[c.family],
+        "architectures": [architecture],
+        "model_type": model_type,
         "vocab_size": c.vocab_size,
         "hidden_size": c.d_model,
         "intermediate_size": c.mlp_dim,
@@ -163,148 +149,116 @@ def config_to_hf(config: ModelConfig) -> dict[str, Any]:
         "rms_norm_eps": c.norm_eps,
         "tie_word_embeddings": c.tie_embeddings,
         "rope_theta": c.rope.theta,
+        "rope_parameters": _rope_to_hf(c.rope),
     }
     if c.family == "gemma3":
+        scalar = c.query_pre_attn_scalar  # transformers validates an integral one as an int
         hf.update(
             rope_parameters={
                 "full_attention": _rope_to_hf(c.rope),
                 "sliding_attention": _rope_to_hf(c.local_rope or c.rope),
             },
-            query_pre_attn_scalar=_plain_number(c.query_pre_attn_scalar),
+            query_pre_attn_scalar=int(scalar) if scalar and float(scalar).is_integer() else scalar,
             sliding_window=c.sliding_window,
             layer_types=["sliding_attention" if s else "full_attention" for s in c.is_sliding],
             hidden_activation="gelu_pytorch_tanh",
         )
-    else:
-        hf["rope_parameters"] = _rope_to_hf(c.rope)
     return hf
 
 
 # --------------------------------------------------------------------------- name table
 
-# Each entry: our layer param -> (HF name inside layer i, HF -> ours, ours -> HF).
-Converter = tuple[str, Callable[[np.ndarray, ModelConfig], np.ndarray], Callable]
+_EMBED = "model.embed_tokens.weight"  # [V, D] in both layouts
 
 
-def _linear(out_axes: str) -> tuple[Callable, Callable]:
-    """HF linear weights are [out, in]; ours are [in, *out] or [*in, out]."""
-
-    def heads(c: ModelConfig, kind: str) -> int:
-        return {"q": c.n_heads, "kv": c.n_kv_heads}[kind]
-
-    if out_axes in ("q", "kv"):  # [H*Dh, D] -> [D, H, Dh]
-        return (
-            lambda w, c: w.T.reshape(c.d_model, heads(c, out_axes), c.head_dim),
-            lambda w, c: w.reshape(c.d_model, -1).T,
-        )
-    if out_axes == "o":  # [D, H*Dh] -> [H, Dh, D]
-        return (
-            lambda w, c: w.T.reshape(c.n_heads, c.head_dim, c.d_model),
-            lambda w, c: w.reshape(-1, c.d_model).T,
-        )
-    return (lambda w, c: w.T, lambda w, c: w.T)  # plain [out, in] -> [in, out]
-
-
-def _bias(kind: str) -> tuple[Callable, Callable]:
-    n = {"q": "n_heads", "kv": "n_kv_heads"}[kind]
-    return (lambda w, c: w.reshape(getattr(c, n), c.head_dim), lambda w, c: w.reshape(-1))
-
-
-def _norm(family: str) -> tuple[Callable, Callable]:
-    """Gemma stores RMSNorm scales as w in `(1 + w)`; we keep the effective scale."""
-    if family == "gemma3":
-        return (lambda w, c: w + 1.0, lambda w, c: w - 1.0)
-    return (lambda w, c: w, lambda w, c: w)
-
-
-def _layer_table(config: ModelConfig) -> dict[str, Converter]:
-    norm = _norm(config.family)
-    table: dict[str, Converter] = {
-        "attn_norm": ("input_layernorm.weight", *norm),
-        "q": ("self_attn.q_proj.weight", *_linear("q")),
-        "k": ("self_attn.k_proj.weight", *_linear("kv")),
-        "v": ("self_attn.v_proj.weight", *_linear("kv")),
-        "o": ("self_attn.o_proj.weight", *_linear("o")),
-        "gate": ("mlp.gate_proj.weight", *_linear("plain")),
-        "up": ("mlp.up_proj.weight", *_linear("plain")),
-        "down": ("mlp.down_proj.weight", *_linear("plain")),
+def _hf_layout(config: ModelConfig) -> tuple[dict[str, Any], dict[str, Any]]:
+    """The HF name and shape of each of our params: (top-level, per layer); a per-layer
+    name is the tensor's inside layer i."""
+    c = config
+    D, F, Dh = c.d_model, c.mlp_dim, c.head_dim
+    q, kv = c.n_heads * Dh, c.n_kv_heads * Dh
+    top = {"embed": (_EMBED, (c.vocab_size, D)), "final_norm": ("model.norm.weight", (D,))}
+    if not c.tie_embeddings:
+        top["lm_head"] = ("lm_head.weight", (c.vocab_size, D))
+    layer = {
+        "attn_norm": ("input_layernorm.weight", (D,)),
+        "q": ("self_attn.q_proj.weight", (q, D)),
+        "k": ("self_attn.k_proj.weight", (kv, D)),
+        "v": ("self_attn.v_proj.weight", (kv, D)),
+        "o": ("self_attn.o_proj.weight", (D, q)),
+        "gate": ("mlp.gate_proj.weight", (F, D)),
+        "up": ("mlp.up_proj.weight", (F, D)),
+        "down": ("mlp.down_proj.weight", (D, F)),
     }
-    if config.family == "gemma3":
-        table["post_attn_norm"] = ("post_attention_layernorm.weight", *norm)
-        table["mlp_norm"] = ("pre_feedforward_layernorm.weight", *norm)
-        table["post_mlp_norm"] = ("post_feedforward_layernorm.weight", *norm)
+    if c.family == "gemma3":
+        layer["post_attn_norm"] = ("post_attention_layernorm.weight", (D,))
+        layer["mlp_norm"] = ("pre_feedforward_layernorm.weight", (D,))
+        layer["post_mlp_norm"] = ("post_feedforward_layernorm.weight", (D,))
     else:
-        table["mlp_norm"] = ("post_attention_layernorm.weight", *norm)
-    if config.qkv_bias:
-        table["q_bias"] = ("self_attn.q_proj.bias", *_bias("q"))
-        table["k_bias"] = ("self_attn.k_proj.bias", *_bias("kv"))
-        table["v_bias"] = ("self_attn.v_proj.bias", *_bias("kv"))
-    if config.qk_norm:
-        table["q_norm"] = ("self_attn.q_norm.weight", *norm)
-        table["k_norm"] = ("self_attn.k_norm.weight", *norm)
-    return table
+        layer["mlp_norm"] = ("post_attention_layernorm.weight", (D,))
+    if c.qkv_bias:
+        layer["q_bias"] = ("self_attn.q_proj.bias", (q,))
+        layer["k_bias"] = ("self_attn.k_proj.bias", (kv,))
+        layer["v_bias"] = ("self_attn.v_proj.bias", (kv,))
+    if c.qk_norm:
+        layer["q_norm"] = ("self_attn.q_norm.weight", (Dh,))
+        layer["k_norm"] = ("self_attn.k_norm.weight", (Dh,))
+    return top, layer
 
 
-def _check_shape(name: str, array: np.ndarray, expected: tuple[int, ...]) -> None:
-    if tuple(array.shape) != tuple(expected):
-        raise CheckpointError(
-            f"tensor {name} has shape {tuple(array.shape)} but the config implies {tuple(expected)}"
-        )
-
-
-def _get(tensors: dict[str, np.ndarray], name: str) -> np.ndarray:
-    if name not in tensors:
-        raise CheckpointError(f"checkpoint has no tensor {name}")
-    return np.asarray(tensors[name], np.float32)
+def _is_gemma_norm(config: ModelConfig, hf_name: str) -> bool:
+    """Gemma stores RMSNorm scales as w in `(1 + w)`; we keep the effective scale."""
+    return config.family == "gemma3" and hf_name.endswith("norm.weight")
 
 
 def params_from_hf(
     config: ModelConfig, tensors: dict[str, np.ndarray], dtype: Any = jnp.float32
 ) -> Params:
-    """Our params from HF-named tensors in HF layout; every shape checked against the config."""
+    """Our params from HF-named tensors in HF layout; every shape checked against the config.
+
+    HF linear weights are [out, in] and ours [*in, *out] with the heads split out of the
+    flat axes, so each moves between the layouts as a transpose and a reshape.
+    """
     dtype = _resolve_dtype(dtype)
     shapes = param_shapes(config)
-    norm_in = _norm(config.family)[0]
-    prefix = "model."
-    embed = _get(tensors, prefix + "embed_tokens.weight")
-    _check_shape(prefix + "embed_tokens.weight", embed, shapes["embed"][0])
-    params: Params = {
-        "embed": embed,
-        "final_norm": norm_in(_get(tensors, prefix + "norm.weight"), config),
-        "layers": {},
-    }
-    _check_shape(prefix + "norm.weight", params["final_norm"], shapes["final_norm"][0])
-    if not config.tie_embeddings:
-        head = _get(tensors, "lm_head.weight")
-        _check_shape("lm_head.weight", head, shapes["lm_head"][0][::-1])
-        params["lm_head"] = head.T
-    for ours, (hf_name, to_ours, to_hf) in _layer_table(config).items():
-        expected_hf_shape = to_hf(np.empty(shapes["layers"][ours][0][1:], np.float32), config).shape
-        per_layer = []
-        for i in range(config.n_layers):
-            name = f"{prefix}layers.{i}.{hf_name}"
-            raw = _get(tensors, name)
-            _check_shape(name, raw, expected_hf_shape)
-            per_layer.append(to_ours(raw, config))
+
+    def read(name: str, hf_shape: tuple[int, ...], shape: tuple[int, ...]) -> np.ndarray:
+        if name not in tensors:
+            raise CheckpointError(f"checkpoint has no tensor {name}")
+        w = np.asarray(tensors[name], np.float32)
+        if w.shape != hf_shape:
+            raise CheckpointError(
+                f"tensor {name} has shape {w.shape} but the config implies {hf_shape}"
+            )
+        if _is_gemma_norm(config, name):
+            w = w + 1.0
+        return w if name == _EMBED else w.T.reshape(shape)
+
+    top, layer = _hf_layout(config)
+    params = {ours: read(name, hf, shapes[ours][0]) for ours, (name, hf) in top.items()}
+    params["layers"] = {}
+    for ours, (name, hf) in layer.items():
+        shape = shapes["layers"][ours][0][1:]
+        per_layer = [read(f"model.layers.{i}.{name}", hf, shape) for i in range(config.n_layers)]
         params["layers"][ours] = np.stack(per_layer)
-    return _to_jax(params, dtype)
+    return jax.tree.map(lambda x: jnp.asarray(x, dtype), params)
 
 
 def params_to_hf(config: ModelConfig, params: Params) -> dict[str, np.ndarray]:
     """HF-named float32 tensors in HF layout, the inverse of `params_from_hf`."""
-    host = lambda x: np.asarray(x, np.float32)
-    contiguous = np.ascontiguousarray  # safetensors writes the raw buffer, ignoring strides
-    norm_out = _norm(config.family)[1]
-    tensors = {
-        "model.embed_tokens.weight": host(params["embed"]),
-        "model.norm.weight": norm_out(host(params["final_norm"]), config),
-    }
-    if not config.tie_embeddings:
-        tensors["lm_head.weight"] = contiguous(host(params["lm_head"]).T)
-    for ours, (hf_name, _, to_hf) in _layer_table(config).items():
-        stacked = host(params["layers"][ours])
-        for i in range(config.n_layers):
-            tensors[f"model.layers.{i}.{hf_name}"] = contiguous(to_hf(stacked[i], config))
+
+    def write(name: str, hf_shape: tuple[int, ...], w: Any) -> np.ndarray:
+        w = np.asarray(w, np.float32)
+        if _is_gemma_norm(config, name):
+            w = w - 1.0
+        # contiguous: safetensors writes the raw buffer, ignoring strides
+        return w if name == _EMBED else np.ascontiguousarray(w.reshape(hf_shape[::-1]).T)
+
+    top, layer = _hf_layout(config)
+    tensors = {name: write(name, hf, params[ours]) for ours, (name, hf) in top.items()}
+    for ours, (name, hf) in layer.items():
+        for i, w in enumerate(np.asarray(params["layers"][ours], np.float32)):
+            tensors[f"model.layers.{i}.{name}"] = write(name, hf, w)
     return tensors
 
 
@@ -317,12 +271,6 @@ def _resolve_dtype(dtype: Any) -> Any:
     return _SUPPORTED_DTYPES[name]
 
 
-def _to_jax(tree: Any, dtype: Any) -> Any:
-    if isinstance(tree, dict):
-        return {k: _to_jax(v, dtype) for k, v in tree.items()}
-    return jnp.asarray(tree, dtype)
-
-
 # --------------------------------------------------------------------------- HF directories
 
 
@@ -332,30 +280,17 @@ def _require(path: pathlib.Path, what: str) -> pathlib.Path:
     return path
 
 
-def _safetensors_files(directory: pathlib.Path) -> list[pathlib.Path]:
-    index = directory / "model.safetensors.index.json"
-    if index.exists():
-        shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
-        return [_require(directory / s, "safetensors shard named in the index") for s in shards]
-    return [_require(directory / "model.safetensors", "model.safetensors")]
-
-
-_SAFETENSORS_FLOATS = {"F32", "F16", "BF16", "F64"}
-
-
 def _read_safetensors(path: pathlib.Path) -> Iterator[tuple[str, np.ndarray]]:
-    from safetensors import SafetensorError, safe_open
-
     try:
-        with safe_open(str(path), framework="flax") as f:
+        with safetensors.safe_open(str(path), framework="flax") as f:
             for name in f.keys():  # noqa: SIM118 (safe_open is not a dict)
                 dtype = f.get_slice(name).get_dtype()
-                if dtype not in _SAFETENSORS_FLOATS:
+                if dtype not in ("F32", "F16", "BF16", "F64"):
                     raise CheckpointError(
                         f"{path}: tensor {name} has dtype {dtype}, which we cannot load"
                     )
                 yield name, np.asarray(f.get_tensor(name).astype(jnp.float32))
-    except SafetensorError as err:
+    except safetensors.SafetensorError as err:
         raise CheckpointError(f"{path}: not a readable safetensors file ({err})") from None
 
 
@@ -366,124 +301,66 @@ def load_hf_dir(
     directory = _require(pathlib.Path(directory), "checkpoint directory")
     config_path = _require(directory / "config.json", "config.json")
     try:
-        hf_config = json.loads(config_path.read_text())
+        config = config_from_hf(json.loads(config_path.read_text()))
     except json.JSONDecodeError as err:
         raise CheckpointError(f"{config_path}: not valid JSON ({err})") from None
-    config = config_from_hf(hf_config)
-    tensors: dict[str, np.ndarray] = {}
-    for file in _safetensors_files(directory):
-        tensors.update(_read_safetensors(file))
-    tensors = {_strip_multimodal_prefix(k): v for k, v in tensors.items()}
+    index = directory / "model.safetensors.index.json"
+    if index.exists():
+        shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+        files = [_require(directory / s, "safetensors shard named in the index") for s in shards]
+    else:
+        files = [_require(directory / "model.safetensors", "model.safetensors")]
+    # Gemma 3 multimodal checkpoints nest the text model under `language_model.`
+    text_model = re.compile(r"^(model\.)?language_model\.(model\.)?")
+    tensors = {text_model.sub("model.", k): v for f in files for k, v in _read_safetensors(f)}
     return config, params_from_hf(config, tensors, dtype)
-
-
-def _strip_multimodal_prefix(name: str) -> str:
-    """Gemma 3 multimodal checkpoints nest the text model under `language_model.`."""
-    for prefix in ("language_model.", "model.language_model."):
-        if name.startswith(prefix):
-            return "model." + name[len(prefix) :].removeprefix("model.")
-    return name
 
 
 def save_hf_dir(config: ModelConfig, params: Params, directory: str | pathlib.Path) -> pathlib.Path:
     """Writes config.json + model.safetensors that transformers (and we) load back."""
-    from safetensors.numpy import save_file
-
     directory = pathlib.Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     (directory / "config.json").write_text(json.dumps(config_to_hf(config), indent=2))
-    save_file(params_to_hf(config, params), str(directory / "model.safetensors"), {"format": "pt"})
+    weights = str(directory / "model.safetensors")
+    safetensors.numpy.save_file(params_to_hf(config, params), weights, {"format": "pt"})
     return directory
 
 
 # --------------------------------------------------------------------------- GGUF
 
-_GGUF_ARCH_TO_MODEL_TYPE = {
-    "llama": "llama",
-    "qwen2": "qwen2",
-    "qwen3": "qwen3",
-    "gemma3": "gemma3_text",
-}
-_GGUF_LAYER_NAMES = {
-    "attn_norm": "input_layernorm",
-    "attn_q": "self_attn.q_proj",
-    "attn_k": "self_attn.k_proj",
-    "attn_v": "self_attn.v_proj",
-    "attn_output": "self_attn.o_proj",
-    "attn_q_norm": "self_attn.q_norm",
-    "attn_k_norm": "self_attn.k_norm",
-    "ffn_gate": "mlp.gate_proj",
-    "ffn_up": "mlp.up_proj",
-    "ffn_down": "mlp.down_proj",
-    "post_attention_norm": "post_attention_layernorm",
-    "post_ffw_norm": "post_feedforward_layernorm",
-}
 
+def _hf_config_from_gguf(reader: gguf.GGUFReader, path: pathlib.Path) -> dict[str, Any]:
+    def field(key: str, default: Any = ...) -> Any:
+        if key not in reader.fields:
+            if default is ...:
+                raise CheckpointError(f"{path}: GGUF metadata has no field {key}")
+            return default
+        return reader.fields[key].contents()
 
-def _gguf_layer_name(family: str, short: str) -> str:
-    if short == "ffn_norm":  # the pre-MLP norm: its HF name differs between families
-        return "pre_feedforward_layernorm" if family == "gemma3" else "post_attention_layernorm"
-    return _GGUF_LAYER_NAMES[short]
-
-
-def _gguf_to_hf_name(name: str, family: str) -> str:
-    if name == "token_embd.weight":
-        return "model.embed_tokens.weight"
-    if name == "output_norm.weight":
-        return "model.norm.weight"
-    if name == "output.weight":
-        return "lm_head.weight"
-    _, layer, short, kind = name.split(".")
-    return f"model.layers.{layer}.{_gguf_layer_name(family, short)}.{kind}"
-
-
-def _open_gguf(path: pathlib.Path) -> Any:
-    import gguf
-
-    try:
-        return gguf.GGUFReader(str(path))
-    except Exception as err:  # the reader raises a zoo of types on bad bytes
-        raise CheckpointError(
-            f"{path}: not a readable GGUF file ({type(err).__name__}: {err})"
-        ) from None
-
-
-def _gguf_field(reader: Any, key: str, path: pathlib.Path, default: Any = ...) -> Any:
-    field = reader.fields.get(key)
-    if field is None:
-        if default is ...:
-            raise CheckpointError(f"{path}: GGUF metadata has no field {key}")
-        return default
-    return field.contents()
-
-
-def _hf_config_from_gguf(reader: Any, path: pathlib.Path) -> dict[str, Any]:
-    arch = _gguf_field(reader, "general.architecture", path)
-    if arch not in _GGUF_ARCH_TO_MODEL_TYPE:
+    arch = field("general.architecture")
+    if arch not in _FAMILIES:
         raise CheckpointError(
             f"{path}: unsupported architecture general.architecture={arch!r}; "
-            f"supported: {sorted(_GGUF_ARCH_TO_MODEL_TYPE)}"
+            f"supported: {sorted(_FAMILIES)}"
         )
-    field = lambda key, default=...: _gguf_field(reader, f"{arch}.{key}", path, default)
-    names = {t.name for t in reader.tensors}
-    embed = next(t for t in reader.tensors if t.name == "token_embd.weight")
-    n_heads = int(field("attention.head_count"))
-    d_model = int(field("embedding_length"))
-    hf: dict[str, Any] = {
-        "model_type": _GGUF_ARCH_TO_MODEL_TYPE[arch],
-        "vocab_size": int(embed.shape[-1]),
+    names = {t.name: t for t in reader.tensors}
+    n_heads = int(field(f"{arch}.attention.head_count"))
+    d_model = int(field(f"{arch}.embedding_length"))
+    hf = {
+        "model_type": _FAMILIES[arch][0],
+        "vocab_size": int(names["token_embd.weight"].shape[-1]),
         "hidden_size": d_model,
-        "intermediate_size": int(field("feed_forward_length")),
-        "num_hidden_layers": int(field("block_count")),
+        "intermediate_size": int(field(f"{arch}.feed_forward_length")),
+        "num_hidden_layers": int(field(f"{arch}.block_count")),
         "num_attention_heads": n_heads,
-        "num_key_value_heads": int(field("attention.head_count_kv", n_heads)),
-        "head_dim": int(field("attention.key_length", d_model // n_heads)),
-        "rms_norm_eps": float(field("attention.layer_norm_rms_epsilon")),
-        "rope_theta": float(field("rope.freq_base", 10000.0)),
+        "num_key_value_heads": int(field(f"{arch}.attention.head_count_kv", n_heads)),
+        "head_dim": int(field(f"{arch}.attention.key_length", d_model // n_heads)),
+        "rms_norm_eps": float(field(f"{arch}.attention.layer_norm_rms_epsilon")),
+        "rope_theta": float(field(f"{arch}.rope.freq_base", 10000.0)),
         "tie_word_embeddings": "output.weight" not in names,
     }
     if arch == "gemma3":
-        hf["sliding_window"] = int(field("attention.sliding_window", 512))
+        hf["sliding_window"] = int(field(f"{arch}.attention.sliding_window", 512))
     return hf
 
 
@@ -492,9 +369,7 @@ def _unpermute_rotary(w: np.ndarray, n_heads: int) -> np.ndarray:
     return w.reshape(n_heads, w.shape[0] // n_heads // 2, 2, -1).swapaxes(1, 2).reshape(w.shape)
 
 
-def _dequantize(tensor: Any, path: pathlib.Path) -> np.ndarray:
-    import gguf
-
+def _dequantize(tensor: gguf.ReaderTensor, path: pathlib.Path) -> np.ndarray:
     try:
         return np.asarray(gguf.quants.dequantize(tensor.data, tensor.tensor_type), np.float32)
     except NotImplementedError:
@@ -505,19 +380,32 @@ def _dequantize(tensor: Any, path: pathlib.Path) -> np.ndarray:
 
 
 def load_gguf(path: str | pathlib.Path, dtype: Any = jnp.float32) -> tuple[ModelConfig, Params]:
-    """(config, params) from a GGUF file, dequantized to float32 first."""
+    """(config, params) from a GGUF file, dequantized to float32 first; gguf's own name
+    map says which GGUF tensor holds each HF-named one."""
     path = _require(pathlib.Path(path), "GGUF file")
-    reader = _open_gguf(path)
-    hf_config = _hf_config_from_gguf(reader, path)
-    config = config_from_hf(hf_config)
+    try:
+        reader = gguf.GGUFReader(str(path))
+    except Exception as err:  # the reader raises a zoo of types on bad bytes
+        raise CheckpointError(
+            f"{path}: not a readable GGUF file ({type(err).__name__}: {err})"
+        ) from None
+    config = config_from_hf(_hf_config_from_gguf(reader, path))
+    in_file = {t.name: t for t in reader.tensors}
+    arch = gguf.MODEL_ARCH[config.family.upper()]
+    gguf_names = gguf.get_tensor_name_map(arch, config.n_layers)
+    top, layer = _hf_layout(config)
+    names = [name for name, _ in top.values()]
+    names += [f"model.layers.{i}.{n}" for n, _ in layer.values() for i in range(config.n_layers)]
     tensors = {}
-    for tensor in reader.tensors:
-        name = _gguf_to_hf_name(tensor.name, config.family)
+    for name in names:
+        tensor = in_file.get(gguf_names.get_name(name, try_suffixes=(".weight", ".bias")))
+        if tensor is None:
+            continue  # params_from_hf names what is missing
         weights = _dequantize(tensor, path)
         if config.family == "llama" and name.endswith(("q_proj.weight", "k_proj.weight")):
             heads = config.n_heads if "q_proj" in name else config.n_kv_heads
             weights = _unpermute_rotary(weights, heads)
-        if config.family == "gemma3" and name.endswith("norm.weight"):
+        if _is_gemma_norm(config, name):
             weights = weights - 1.0  # to the HF convention; params_from_hf adds it back
         tensors[name] = weights
     return config, params_from_hf(config, tensors, dtype)
@@ -542,6 +430,4 @@ def resolve(spec: str | pathlib.Path) -> pathlib.Path:
 def load(spec: str | pathlib.Path, dtype: Any = jnp.float32) -> tuple[ModelConfig, Params]:
     """(config, params) from a preset name, a `.gguf` file or a HF checkpoint directory."""
     path = resolve(spec)
-    if path.is_dir():
-        return load_hf_dir(path, dtype)
-    return load_gguf(path, dtype)
+    return load_hf_dir(path, dtype) if path.is_dir() else load_gguf(path, dtype)

@@ -1,11 +1,8 @@
 """A run's trained student as a Hugging Face model directory.
 
 A run records in its workdir how its student is built (`write_manifest`, file
-`student.json`): the checkpoint it starts from, loaded as `checkpoints.load` loads any,
-the teacher layers it keeps when it is cut from a deeper model, its LoRA shape, and the
-stages whose checkpoints hold its params, in order, each "full" (the whole params) or
-"lora" (adapters merged onto the params so far). `student_model` replays that on the
-newest checkpoint of each stage; a stage without one yet is skipped, so an unfinished run
+`student.json`, a `StudentManifest`). `student_model` replays that on the newest
+checkpoint of each stage; a stage without one yet is skipped, so an unfinished run
 exports what it has made so far. `export` writes float32 safetensors, config.json,
 generation_config.json and the tokenizer files, which transformers loads as this model:
 
@@ -49,12 +46,11 @@ class StageParams:
 
 @dataclasses.dataclass(frozen=True)
 class StudentManifest:
-    """How to rebuild a run's student; see the module docstring.
-
-    source: a preset name, HF directory or GGUF file. tokenizer: the same kinds of spec,
-    for the tokenizer the run used (a GKD run's is the teacher's). layers: the indices of
-    the source's layers the student keeps, or None for all of them.
-    """
+    """How to rebuild a run's student: the checkpoint it starts from (`source`: a preset
+    name, HF directory or GGUF file, loaded as `checkpoints.load` loads any), the tokenizer
+    the run used (the same kinds of spec; a GKD run's is the teacher's), the source's layers
+    it keeps when it is cut from a deeper model (None: all), its LoRA shape, and the stages
+    whose checkpoints hold its params, in order."""
 
     source: str
     tokenizer: str
@@ -136,38 +132,16 @@ def _first_line(err: BaseException) -> str:
     return f"{type(err).__name__}: {lines[0] if lines else ''}"
 
 
-def _abstract_trainable(kind: str, params: Params, lora_config: lora.LoraConfig | None) -> Params:
-    """Float32 shapes of what a stage's checkpoints hold: the params, or their adapters."""
-    if kind == "full":
-        trainable = params
-    else:
-        trainable = jax.eval_shape(lambda p: lora.init(p, lora_config, jax.random.key(0)), params)
-    return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, jnp.float32), trainable)
-
-
-def _shapes_by_path(tree: Any) -> dict[str, tuple[int, ...]]:
-    leaves = jax.tree_util.tree_flatten_with_path(tree)[0]
-    return {jax.tree_util.keystr(path): tuple(leaf.shape) for path, leaf in leaves}
-
-
-def _params_reader(directory: pathlib.Path) -> ocp.CheckpointManager:
-    """The stage's checkpoints with the train state read as a plain pytree, so that its
-    params restore alone, whatever the optimizer state around them looks like."""
-    return ocp.CheckpointManager(
-        directory.absolute(),
-        options=ocp.CheckpointManagerOptions(read_only=True),
-        item_handlers={loop.STATE_ITEM: ocp.PyTreeCheckpointHandler()},
-    )
-
-
 def _check_shapes(directory: pathlib.Path, step: int, saved: Any, abstract: Params) -> None:
     """Orbax restores a subtree it does not find as its abstract value, so the saved
     params must be checked against the student before anything is read."""
-    saved_shapes, wanted = _shapes_by_path(saved), _shapes_by_path(abstract)
-    if saved_shapes != wanted:
-        differing = sorted(
-            k for k in saved_shapes.keys() | wanted.keys() if saved_shapes.get(k) != wanted.get(k)
-        )
+    leaves = jax.tree_util.tree_leaves_with_path
+    have, want = (
+        {jax.tree_util.keystr(path): tuple(x.shape) for path, x in leaves(tree)}
+        for tree in (saved, abstract)
+    )
+    if have != want:
+        differing = sorted(k for k in have.keys() | want.keys() if have.get(k) != want.get(k))
         raise ExportError(
             f"{directory} step {step} holds params unlike the student {MANIFEST_FILE} "
             f"describes (differing: {', '.join(differing[:4])})"
@@ -191,8 +165,12 @@ def restore_params(directory: pathlib.Path, abstract: Params) -> Params | None:
     resumed run does."""
     if not directory.exists():
         return None
+    # The train state is read as a plain pytree, so that its params restore alone, whatever
+    # the optimizer state around them looks like.
+    options = ocp.CheckpointManagerOptions(read_only=True)
+    handlers = {loop.STATE_ITEM: ocp.PyTreeCheckpointHandler()}
     try:
-        mngr = _params_reader(directory)
+        mngr = ocp.CheckpointManager(directory.absolute(), options=options, item_handlers=handlers)
         steps = sorted(mngr.all_steps(), reverse=True)
     except Exception as err:  # Orbax reports a bad directory with many exception types
         raise ExportError(f"{directory}: not a checkpoint directory ({_first_line(err)})") from None
@@ -218,8 +196,11 @@ def student_model(workdir: str | pathlib.Path) -> tuple[ModelConfig, Params]:
     config, params = checkpoints.load(manifest.source)
     if manifest.layers is not None:
         config, params = model.select_layers(params, config, manifest.layers)
+    adapters = lambda p: lora.init(p, manifest.lora, jax.random.key(0))
     for stage in manifest.stages:
-        abstract = _abstract_trainable(stage.kind, params, manifest.lora)
+        # float32 shapes of what the stage's checkpoints hold: the params, or their adapters
+        trainable = params if stage.kind == "full" else jax.eval_shape(adapters, params)
+        abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, jnp.float32), trainable)
         trained = restore_params(workdir / stage.name, abstract)
         if trained is None:
             continue
@@ -230,19 +211,16 @@ def student_model(workdir: str | pathlib.Path) -> tuple[ModelConfig, Params]:
 # ----------------------------------------------------------------------------- export
 
 
-def generation_config(tok: tokenizer_lib.Tokenizer) -> dict[str, int]:
-    """generation_config.json: the ids transformers' `generate` stops at and pads with."""
-    ids = {"bos_token_id": tok.bos_id, "eos_token_id": tok.eos_id, "pad_token_id": tok.pad_id}
-    return {name: token_id for name, token_id in ids.items() if token_id is not None}
-
-
 def export(workdir: str | pathlib.Path, out: str | pathlib.Path) -> pathlib.Path:
     """Writes the run's student (adapters merged) as a Hugging Face model directory; the
     manifest, tokenizer and checkpoints are all read before anything is written."""
     tok = tokenizer_lib.load(read_manifest(workdir).tokenizer)
     config, params = student_model(workdir)
     out = tok.save_hf(out)
-    (out / "generation_config.json").write_text(json.dumps(generation_config(tok), indent=2))
+    # generation_config.json: the ids transformers' `generate` stops at and pads with
+    ids = {"bos_token_id": tok.bos_id, "eos_token_id": tok.eos_id, "pad_token_id": tok.pad_id}
+    generation = {name: token_id for name, token_id in ids.items() if token_id is not None}
+    (out / "generation_config.json").write_text(json.dumps(generation, indent=2))
     return checkpoints.save_hf_dir(config, params, out)
 
 

@@ -43,17 +43,12 @@ _LLAMA3_SPLIT = (
     r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}"
     r"| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
 )
-_QWEN2_SPLIT = (
-    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}"
-    r"| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
-)
+_QWEN2_SPLIT = _LLAMA3_SPLIT.replace(r"\p{N}{1,3}", r"\p{N}")  # a number splits into digits
 _GGUF_PRE_SPLITS = {
-    "llama3": _LLAMA3_SPLIT,
-    "llama-v3": _LLAMA3_SPLIT,
-    "llama-bpe": _LLAMA3_SPLIT,
-    "qwen2": _QWEN2_SPLIT,
-    "deepseek-r1-qwen": _QWEN2_SPLIT,
+    **dict.fromkeys(("llama3", "llama-v3", "llama-bpe"), _LLAMA3_SPLIT),
+    **dict.fromkeys(("qwen2", "deepseek-r1-qwen"), _QWEN2_SPLIT),
 }
+_BYTE_ALPHABET = frozenset(pre_tokenizers.ByteLevel.alphabet())  # GPT-2's spelling of bytes
 
 
 # --------------------------------------------------------------------------- backends
@@ -108,6 +103,7 @@ class SentencePieceBackend:
 
 
 Backend = HFTokenizersBackend | SentencePieceBackend
+Messages = Sequence[Mapping[str, Any]]  # a conversation: {"role": ..., "content": ...} each
 
 
 # --------------------------------------------------------------------------- the interface
@@ -157,9 +153,7 @@ class Tokenizer:
             ids = [i for i in ids if i not in self.special_ids]
         return self.backend.decode(ids)
 
-    def apply_chat_template(
-        self, messages: Sequence[Mapping[str, Any]], add_generation_prompt: bool = True
-    ) -> str:
+    def apply_chat_template(self, messages: Messages, add_generation_prompt: bool = True) -> str:
         """The conversation rendered by the checkpoint's template, as transformers renders it."""
         if self.chat_template is None:
             raise ValueError(
@@ -173,36 +167,48 @@ class Tokenizer:
             **{name: token for name, token in specials.items() if token is not None},
         )
 
-    def encode_chat(
-        self, messages: Sequence[Mapping[str, Any]], add_generation_prompt: bool = True
-    ) -> list[int]:
+    def encode_chat(self, messages: Messages, add_generation_prompt: bool = True) -> list[int]:
         """Ids of the rendered conversation; the template writes any BOS it wants itself."""
         return self.encode(self.apply_chat_template(messages, add_generation_prompt))
 
     def save_hf(self, directory: str | pathlib.Path) -> pathlib.Path:
         """Writes tokenizer.json and tokenizer_config.json, from which transformers'
-        AutoTokenizer (and `from_hf_dir`) gives our ids, special tokens and chat template."""
+        AutoTokenizer (and `from_hf_dir`) gives our ids, special tokens and chat template.
+
+        The config names the generic fast tokenizer class and keeps decoded spaces as written;
+        BOS is added by tokenizer.json's post-processor, which is how transformers decides.
+        """
+        if isinstance(self.backend, HFTokenizersBackend):
+            tok = tokenizers.Tokenizer.from_str(self.backend.tokenizer.to_str())
+            unk_id = None
+        else:
+            tok = _sentencepiece_as_tokenizers(self.backend, self.special_ids)
+            unk_id = self.backend.processor.unk_id()
+        if self.add_bos_token:
+            bos = self.bos_token
+            tok.post_processor = processors.TemplateProcessing(
+                single=f"{bos} $A", pair=f"{bos} $A {bos} $B", special_tokens=[(bos, self.bos_id)]
+            )
+        named = {"bos": self.bos_id, "eos": self.eos_id, "pad": self.pad_id, "unk": unk_id}
+        config = {
+            "tokenizer_class": "PreTrainedTokenizerFast",
+            **{f"{k}_token": self.backend.token(i) for k, i in named.items() if i is not None},
+            "add_bos_token": self.add_bos_token,
+            "add_eos_token": False,
+            "clean_up_tokenization_spaces": False,
+        }
+        if self.chat_template is not None:
+            config["chat_template"] = self.chat_template
         directory = pathlib.Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
-        _as_hf_tokenizer(self).save(str(directory / "tokenizer.json"))
-        config = json.dumps(_hf_tokenizer_config(self), indent=2, ensure_ascii=False)
-        (directory / "tokenizer_config.json").write_text(config, encoding="utf-8")
+        tok.save(str(directory / "tokenizer.json"))
+        config_json = json.dumps(config, indent=2, ensure_ascii=False)
+        (directory / "tokenizer_config.json").write_text(config_json, encoding="utf-8")
         return directory
 
 
 def _raise_exception(message: str) -> None:
     raise jinja2.exceptions.TemplateError(message)
-
-
-def _tojson(value: Any, ensure_ascii=False, indent=None, separators=None, sort_keys=False) -> str:
-    """Like transformers' filter: jinja's own escapes HTML characters, which templates don't want."""
-    return json.dumps(
-        value, ensure_ascii=ensure_ascii, indent=indent, separators=separators, sort_keys=sort_keys
-    )
-
-
-def _strftime_now(fmt: str) -> str:
-    return datetime.datetime.now().strftime(fmt)
 
 
 @functools.lru_cache(maxsize=16)
@@ -211,68 +217,48 @@ def _compile_template(template: str) -> jinja2.Template:
     env = jinja2.sandbox.ImmutableSandboxedEnvironment(
         trim_blocks=True, lstrip_blocks=True, extensions=[jinja2.ext.loopcontrols]
     )
-    env.filters["tojson"] = _tojson
+    # transformers' `tojson`: jinja's own escapes HTML characters, which templates don't want
+    env.filters["tojson"] = lambda value, ensure_ascii=False, **kwargs: json.dumps(
+        value, ensure_ascii=ensure_ascii, **kwargs
+    )
     env.globals["raise_exception"] = _raise_exception
-    env.globals["strftime_now"] = _strftime_now
+    env.globals["strftime_now"] = lambda fmt: datetime.datetime.now().strftime(fmt)
     return env.from_string(template)
 
 
 def _make(
     backend: Backend,
-    *,
-    bos_id: int | None,
-    eos_id: int | None,
-    pad_id: int | None,
-    unk_id: int | None,
     special_ids: Iterable[int],
+    ids: Mapping[str, int | None],
     add_bos_token: bool,
     chat_template: str | None,
 ) -> Tokenizer:
-    """A Tokenizer; padding falls back to EOS (then id 0), since padded positions are masked."""
-    pad = pad_id if pad_id is not None else eos_id if eos_id is not None else 0
-    named = {i for i in (bos_id, eos_id, pad_id, unk_id) if i is not None}
-    return Tokenizer(
-        backend=backend,
-        bos_id=bos_id,
-        eos_id=eos_id,
-        pad_id=pad,
-        special_ids=frozenset(special_ids) | named,
-        add_bos_token=add_bos_token,
-        chat_template=chat_template,
-    )
+    """A Tokenizer from the ids of its named tokens ("bos", "eos", "pad", "unk"); padding
+    falls back to EOS (then id 0), since padded positions are masked."""
+    bos, eos, pad = (ids.get(name) for name in ("bos", "eos", "pad"))
+    pad = pad if pad is not None else eos if eos is not None else 0
+    named = {i for i in ids.values() if i is not None}
+    special = frozenset(special_ids) | named
+    return Tokenizer(backend, bos, eos, pad, special, add_bos_token, chat_template)
 
 
 # --------------------------------------------------------------------------- byte-level BPE
 
 
-@functools.cache
-def _bytes_to_unicode() -> dict[int, str]:
-    """GPT-2's printable spelling of each byte, the alphabet byte-level vocabularies use."""
-    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1)]
-    printable += range(ord("®"), ord("ÿ") + 1)
-    spelling = {b: chr(b) for b in printable}
-    extra = (b for b in range(256) if b not in spelling)
-    spelling.update({b: chr(256 + n) for n, b in enumerate(extra)})
-    return spelling
-
-
 def _byte_level_spelling(token: str) -> str:
     """A token as the BPE model sees it; llama.cpp stores some added tokens as raw text."""
-    spelling = _bytes_to_unicode()
-    if set(token) <= set(spelling.values()):
+    if set(token) <= _BYTE_ALPHABET:
         return token
-    return "".join(spelling[b] for b in token.encode("utf-8"))
+    spell = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False).pre_tokenize_str
+    return "".join(piece for piece, _ in spell(token))
 
 
 def _byte_level_bpe(
-    tokens: Sequence[str],
-    merges: Sequence[str],
-    types: Sequence[int],
-    pre: str | None,
-    path: pathlib.Path,
+    fields: Mapping[str, Any], tokens: list[str], types: list[int], path: pathlib.Path
 ) -> tokenizers.Tokenizer:
     """GPT-2 style BPE over the GGUF vocabulary, set up as transformers' GGUF loader does."""
     vocab = {_byte_level_spelling(token): i for i, token in enumerate(tokens)}
+    merges = _field(fields, "tokenizer.ggml.merges", path)
     try:
         model = tokenizers.models.BPE(vocab=vocab, merges=[tuple(m.split(" ")) for m in merges])
     except Exception as err:  # the Rust side reports every problem as a plain Exception
@@ -280,25 +266,18 @@ def _byte_level_bpe(
             f"{path}: tokenizer.ggml.merges do not fit the vocabulary ({err})"
         ) from None
     tok = tokenizers.Tokenizer(model)
-    split = _GGUF_PRE_SPLITS.get(pre)
-    if split is None:
-        tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    else:
-        tok.pre_tokenizer = pre_tokenizers.Sequence(
-            [
-                pre_tokenizers.Split(Regex(split), behavior="isolated"),
-                pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
-            ]
-        )
+    # No split of its own for the file's `pre`: GPT-2's, the one ByteLevel makes itself.
+    split = _GGUF_PRE_SPLITS.get(fields.get("tokenizer.ggml.pre"))
+    steps = [] if split is None else [pre_tokenizers.Split(Regex(split), behavior="isolated")]
+    byte_level = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=split is None)
+    tok.pre_tokenizer = pre_tokenizers.Sequence([*steps, byte_level])
     tok.decoder = decoders.ByteLevel()
-    alphabet = set(_bytes_to_unicode().values())
+    typed = list(zip(tokens, types, strict=True))
     # A control token spelled outside the byte alphabet is a llama.cpp mislabel; transformers
     # leaves it out rather than add a token past the model's vocabulary.
-    control = [
-        t for t, k in zip(tokens, types, strict=True) if k == _CONTROL and set(t) <= alphabet
-    ]
+    control = [t for t, k in typed if k == _CONTROL and set(t) <= _BYTE_ALPHABET]
     tok.add_special_tokens([AddedToken(t, normalized=False, special=True) for t in control])
-    user = [t for t, k in zip(tokens, types, strict=True) if k == _USER_DEFINED and t in vocab]
+    user = [t for t, k in typed if k == _USER_DEFINED and t in vocab]
     tok.add_tokens([AddedToken(t, normalized=False, special=False) for t in user])
     return tok
 
@@ -306,21 +285,8 @@ def _byte_level_bpe(
 # --------------------------------------------------------------------------- sentencepiece
 
 
-def _sentencepiece_piece_type(index: int, token: str, kind: int, unk_id: int) -> int:
-    """Sentencepiece's type for a GGUF piece.
-
-    llama.cpp marks Gemma's runs of spaces user-defined (which sentencepiece would match whole,
-    longest first); transformers merges them like any other piece, so they stay normal here.
-    """
-    if index == unk_id:
-        return _UNKNOWN
-    if kind == _UNKNOWN or (kind == _USER_DEFINED and " " in token):
-        return _NORMAL
-    return kind
-
-
 def _sentencepiece_proto(
-    tokens: Sequence[str], types: Sequence[int], unk_id: int, add_dummy_prefix: bool
+    fields: Mapping[str, Any], tokens: list[str], types: list[int], path: pathlib.Path
 ) -> sentencepiece_model_pb2.ModelProto:
     """A BPE ModelProto from a GGUF vocabulary.
 
@@ -330,20 +296,22 @@ def _sentencepiece_proto(
     llama.cpp writes whitespace inside pieces as real spaces where sentencepiece spells it "▁".
     The normalizer is the identity, as in the sentencepiece models GGUF vocabularies come from.
     """
+    unk_id = _field(fields, "tokenizer.ggml.unknown_token_id", path)
     proto = sentencepiece_model_pb2.ModelProto()
     proto.trainer_spec.model_type = sentencepiece_model_pb2.TrainerSpec.BPE
     proto.trainer_spec.vocab_size = len(tokens)
     proto.trainer_spec.byte_fallback = _BYTE in types
     proto.normalizer_spec.name = "identity"
-    proto.normalizer_spec.add_dummy_prefix = add_dummy_prefix
+    proto.normalizer_spec.add_dummy_prefix = fields.get("tokenizer.ggml.add_space_prefix", True)
     proto.normalizer_spec.remove_extra_whitespaces = False
     proto.normalizer_spec.escape_whitespaces = True
-    pieces = proto.pieces
     for i, (token, kind) in enumerate(zip(tokens, types, strict=True)):
-        piece = pieces.add()
-        piece.piece = token.replace(" ", "▁")
-        piece.score = -i
-        piece.type = _sentencepiece_piece_type(i, token, kind, unk_id)
+        # llama.cpp marks Gemma's runs of spaces user-defined (which sentencepiece would match
+        # whole, longest first); transformers merges them like any other piece.
+        if kind == _UNKNOWN or (kind == _USER_DEFINED and " " in token):
+            kind = _NORMAL
+        piece = token.replace(" ", "▁")
+        proto.pieces.add(piece=piece, score=-i, type=_UNKNOWN if i == unk_id else kind)
     return proto
 
 
@@ -372,8 +340,6 @@ def _sentencepiece_backend(
 # --------------------------------------------------------------------------- GGUF
 
 
-_GGUF_MAGIC = b"GGUF"
-_GGUF_VERSIONS = (2, 3)
 _GGUF_SCALARS = {0: "B", 1: "b", 2: "H", 3: "h", 4: "I", 5: "i", 6: "f", 7: "?"}
 _GGUF_SCALARS |= {10: "Q", 11: "q", 12: "d"}
 _GGUF_STRING, _GGUF_ARRAY = 8, 9
@@ -418,7 +384,7 @@ def _read_gguf_metadata(path: pathlib.Path) -> dict[str, Any]:
     try:
         with path.open("rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as buf:
             (magic, version, _, count), pos = _unpack("<4sIQQ", buf, 0)
-            if magic != _GGUF_MAGIC or version not in _GGUF_VERSIONS:
+            if magic != b"GGUF" or version not in (2, 3):
                 raise ValueError(f"magic {magic!r} version {version}, want GGUF version 2 or 3")
             metadata = {}
             for _ in range(count):
@@ -436,27 +402,6 @@ def _field(fields: Mapping[str, Any], key: str, path: pathlib.Path) -> Any:
     return fields[key]
 
 
-def _gguf_backend(
-    kind: str, fields: Mapping[str, Any], path: pathlib.Path
-) -> tuple[Backend, frozenset[int]]:
-    """The backend a GGUF vocabulary describes, and its special token ids."""
-    tokens = _field(fields, "tokenizer.ggml.tokens", path)
-    types = fields.get("tokenizer.ggml.token_type", [_NORMAL] * len(tokens))
-    if len(types) != len(tokens):
-        raise ValueError(
-            f"{path}: tokenizer.ggml.token_type has {len(types)} entries for "
-            f"{len(tokens)} tokenizer.ggml.tokens"
-        )
-    if kind == "gpt2":
-        merges = _field(fields, "tokenizer.ggml.merges", path)
-        pre = fields.get("tokenizer.ggml.pre")
-        tok = _byte_level_bpe(tokens, merges, types, pre, path)
-        return HFTokenizersBackend(tok), frozenset(i for i, k in enumerate(types) if k == _CONTROL)
-    unk_id = _field(fields, "tokenizer.ggml.unknown_token_id", path)
-    add_prefix = fields.get("tokenizer.ggml.add_space_prefix", True)
-    return _sentencepiece_backend(_sentencepiece_proto(tokens, types, unk_id, add_prefix), path)
-
-
 def from_gguf(path: str | pathlib.Path) -> Tokenizer:
     """The tokenizer described by a GGUF file's `tokenizer.*` metadata."""
     path = _existing(path)
@@ -467,14 +412,25 @@ def from_gguf(path: str | pathlib.Path) -> Tokenizer:
             f"{path}: unsupported tokenizer.ggml.model={kind!r}; "
             f"supported: {', '.join(_SUPPORTED_GGUF_MODELS)}"
         )
-    backend, special = _gguf_backend(kind, fields, path)
+    tokens = _field(fields, "tokenizer.ggml.tokens", path)
+    types = fields.get("tokenizer.ggml.token_type", [_NORMAL] * len(tokens))
+    if len(types) != len(tokens):
+        raise ValueError(
+            f"{path}: tokenizer.ggml.token_type has {len(types)} entries for "
+            f"{len(tokens)} tokenizer.ggml.tokens"
+        )
+    if kind == "gpt2":
+        backend = HFTokenizersBackend(_byte_level_bpe(fields, tokens, types, path))
+        special = frozenset(i for i, k in enumerate(types) if k == _CONTROL)
+    else:
+        proto = _sentencepiece_proto(fields, tokens, types, path)
+        backend, special = _sentencepiece_backend(proto, path)
+    keys = {"bos": "bos", "eos": "eos", "pad": "padding", "unk": "unknown"}
+    ids = {name: fields.get(f"tokenizer.ggml.{key}_token_id") for name, key in keys.items()}
     return _make(
         backend,
-        bos_id=fields.get("tokenizer.ggml.bos_token_id"),
-        eos_id=fields.get("tokenizer.ggml.eos_token_id"),
-        pad_id=fields.get("tokenizer.ggml.padding_token_id"),
-        unk_id=fields.get("tokenizer.ggml.unknown_token_id"),
-        special_ids=special,
+        special,
+        ids,
         # llama.cpp adds BOS to a sentencepiece vocabulary unless the file says otherwise.
         add_bos_token=bool(fields.get("tokenizer.ggml.add_bos_token", kind == "llama")),
         chat_template=fields.get("tokenizer.chat_template"),
@@ -482,13 +438,6 @@ def from_gguf(path: str | pathlib.Path) -> Tokenizer:
 
 
 # --------------------------------------------------------------------------- HF directory
-
-
-def _read_json(path: pathlib.Path) -> dict[str, Any]:
-    try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as err:
-        raise ValueError(f"{path}: not valid JSON ({err})") from None
 
 
 def _token_content(entry: Any) -> str | None:
@@ -507,59 +456,46 @@ def _hf_chat_template(directory: pathlib.Path, config: Mapping[str, Any]) -> str
     return template
 
 
-def _load_tokenizer_json(path: pathlib.Path) -> tuple[HFTokenizersBackend, frozenset[int]]:
-    try:
-        tok = tokenizers.Tokenizer.from_file(str(path))
-    except Exception as err:  # the Rust side reports every problem as a plain Exception
-        raise ValueError(f"{path}: not a readable tokenizer.json ({err})") from None
-    special = frozenset(i for i, t in tok.get_added_tokens_decoder().items() if t.special)
-    return HFTokenizersBackend(tok), special
-
-
-def _load_sentencepiece_model(path: pathlib.Path) -> tuple[SentencePieceBackend, frozenset[int]]:
-    proto = sentencepiece_model_pb2.ModelProto()
-    try:
-        proto.ParseFromString(path.read_bytes())
-    except DecodeError as err:
-        raise ValueError(f"{path}: not a readable sentencepiece model ({err})") from None
-    return _sentencepiece_backend(proto, path)
-
-
-def _post_processor_adds(backend: Backend, token_id: int | None) -> bool:
-    """Whether tokenizer.json's post-processor puts `token_id` first, which is how transformers
-    decides to add BOS when tokenizer_config.json does not say."""
-    if not isinstance(backend, HFTokenizersBackend) or token_id is None:
-        return False
-    return backend.tokenizer.encode("", add_special_tokens=True).ids[:1] == [token_id]
-
-
 def from_hf_dir(path: str | pathlib.Path) -> Tokenizer:
     """The tokenizer of a Hugging Face directory: tokenizer.json, else tokenizer.model."""
     directory = _existing(path)
     config_file = directory / "tokenizer_config.json"
-    config = _read_json(config_file) if config_file.is_file() else {}
-    if (directory / "tokenizer.json").is_file():
-        backend, special = _load_tokenizer_json(directory / "tokenizer.json")
-    elif (directory / "tokenizer.model").is_file():
-        backend, special = _load_sentencepiece_model(directory / "tokenizer.model")
+    try:
+        text = config_file.read_text(encoding="utf-8") if config_file.is_file() else "{}"
+        config = json.loads(text)
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise ValueError(f"{config_file}: not valid JSON ({err})") from None
+    json_file, model_file = directory / "tokenizer.json", directory / "tokenizer.model"
+    if json_file.is_file():
+        try:
+            tok = tokenizers.Tokenizer.from_file(str(json_file))
+        except Exception as err:  # the Rust side reports every problem as a plain Exception
+            raise ValueError(f"{json_file}: not a readable tokenizer.json ({err})") from None
+        backend = HFTokenizersBackend(tok)
+        special = frozenset(i for i, t in tok.get_added_tokens_decoder().items() if t.special)
+        post_processed = tok.encode("", add_special_tokens=True).ids  # what it adds to any text
+    elif model_file.is_file():
+        proto = sentencepiece_model_pb2.ModelProto()
+        try:
+            proto.ParseFromString(model_file.read_bytes())
+        except DecodeError as err:
+            raise ValueError(f"{model_file}: not a readable sentencepiece model ({err})") from None
+        backend, special = _sentencepiece_backend(proto, model_file)
+        post_processed = []
     else:
         raise FileNotFoundError(f"{directory}: has neither tokenizer.json nor tokenizer.model")
     ids = {
         name: backend.token_id(token)
-        for name in ("bos_token", "eos_token", "pad_token", "unk_token")
-        if (token := _token_content(config.get(name))) is not None
+        for name in ("bos", "eos", "pad", "unk")
+        if (token := _token_content(config.get(f"{name}_token"))) is not None
     }
     added = config.get("added_tokens_decoder", {})
     return _make(
         backend,
-        bos_id=ids.get("bos_token"),
-        eos_id=ids.get("eos_token"),
-        pad_id=ids.get("pad_token"),
-        unk_id=ids.get("unk_token"),
-        special_ids=special | {int(i) for i, t in added.items() if t.get("special")},
-        add_bos_token=bool(
-            config.get("add_bos_token", _post_processor_adds(backend, ids.get("bos_token")))
-        ),
+        special | {int(i) for i, t in added.items() if t.get("special")},
+        ids,
+        # Unless the config says, transformers adds BOS where tokenizer.json's post-processor does.
+        add_bos_token=bool(config.get("add_bos_token", post_processed[:1] == [ids.get("bos")])),
         chat_template=_hf_chat_template(directory, config),
     )
 
@@ -611,53 +547,12 @@ def _sentencepiece_as_tokenizers(
     tok.decoder = decoders.Sequence(
         [decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse()]
     )
-    tok.add_special_tokens(
-        [AddedToken(backend.token(i), normalized=False, special=True) for i in sorted(special_ids)]
-    )
-    user = (
-        p.piece
-        for i, p in enumerate(proto.pieces)
-        if p.type == _USER_DEFINED and i not in special_ids
-    )
+    special = [backend.token(i) for i in sorted(special_ids)]
+    tok.add_special_tokens([AddedToken(t, normalized=False, special=True) for t in special])
+    pieces = enumerate(proto.pieces)
+    user = [p.piece for i, p in pieces if p.type == _USER_DEFINED and i not in special_ids]
     tok.add_tokens([AddedToken(t, normalized=False, special=False) for t in user])
     return tok
-
-
-def _as_hf_tokenizer(tok: Tokenizer) -> tokenizers.Tokenizer:
-    """Our tokenizer as a `tokenizers.Tokenizer` whose post-processor adds BOS when the
-    checkpoint expects it, which is how transformers decides to add it."""
-    if isinstance(tok.backend, HFTokenizersBackend):
-        out = tokenizers.Tokenizer.from_str(tok.backend.tokenizer.to_str())
-    else:
-        out = _sentencepiece_as_tokenizers(tok.backend, tok.special_ids)
-    if tok.add_bos_token:
-        bos = tok.bos_token
-        out.post_processor = processors.TemplateProcessing(
-            single=f"{bos} $A", pair=f"{bos} $A {bos} $B", special_tokens=[(bos, tok.bos_id)]
-        )
-    return out
-
-
-def _hf_tokenizer_config(tok: Tokenizer) -> dict[str, Any]:
-    """tokenizer_config.json: the generic fast tokenizer class, the named special tokens,
-    whether BOS is added, and the chat template; decoding keeps spaces as written."""
-    named = {
-        "bos_token": tok.bos_token,
-        "eos_token": tok.eos_token,
-        "pad_token": tok.backend.token(tok.pad_id),
-    }
-    if isinstance(tok.backend, SentencePieceBackend):
-        named["unk_token"] = tok.backend.token(tok.backend.processor.unk_id())
-    config: dict[str, Any] = {
-        "tokenizer_class": "PreTrainedTokenizerFast",
-        **{name: token for name, token in named.items() if token is not None},
-        "add_bos_token": tok.add_bos_token,
-        "add_eos_token": False,
-        "clean_up_tokenization_spaces": False,
-    }
-    if tok.chat_template is not None:
-        config["chat_template"] = tok.chat_template
-    return config
 
 
 # --------------------------------------------------------------------------- one entry point
