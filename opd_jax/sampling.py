@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from collections.abc import Sequence
 from typing import Any, NamedTuple
 
 import flax.struct
@@ -279,22 +278,3 @@ def generate(
     return sample_jit(
         params, place(prompt_BxP), place(prompt_valid_BxP), key, model_config, config, placement
     )
-
-
-def left_pad(
-    sequences: Sequence[Sequence[int]], pad_id: int, width: int | None = None
-) -> tuple[np.ndarray, np.ndarray]:
-    """Token lists -> (tokens [B, P] int32, valid [B, P] bool), right-aligned; P defaults to
-    the longest list."""
-    lengths = [len(s) for s in sequences]
-    if not lengths or min(lengths) == 0:
-        raise ValueError("left_pad needs at least one sequence and no empty ones")
-    width = max(lengths) if width is None else width
-    if max(lengths) > width:
-        raise ValueError(f"a sequence of {max(lengths)} tokens does not fit in width {width}")
-    tokens_BxP = np.full((len(sequences), width), pad_id, np.int32)
-    valid_BxP = np.zeros((len(sequences), width), bool)
-    for row, seq in enumerate(sequences):
-        tokens_BxP[row, width - len(seq) :] = seq
-        valid_BxP[row, width - len(seq) :] = True
-    return tokens_BxP, valid_BxP
