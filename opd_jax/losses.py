@@ -29,7 +29,6 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from collections.abc import Callable
 from typing import Any
 
 import jax
@@ -50,24 +49,23 @@ _MIN_TAIL_PROB = float(jnp.finfo(jnp.float32).eps)
 # ------------------------------------------------------------------------ validation
 
 
+def _check_choice(name: str, value: str, choices: tuple[str, ...]) -> None:
+    if value not in choices:
+        raise ValueError(f"{name}={value!r} is not one of {choices}")
+
+
 def _check_temperature(temperature: float) -> None:
     if not temperature > 0:
         raise ValueError(f"temperature must be > 0, got {temperature}")
 
 
-def _check_divergence_args(kind: str, beta: float) -> None:
-    if kind not in DIVERGENCES:
-        raise ValueError(f"divergence={kind!r} is not one of {DIVERGENCES}")
+def _resolve_kind(kind: str, beta: float) -> str:
+    """Checks a divergence; jsd at beta = 0 / 1 is forward / reverse KL (`token_divergence`)."""
+    _check_choice("divergence", kind, DIVERGENCES)
     if not 0.0 <= beta <= 1.0:
         raise ValueError(f"beta must be in [0, 1], got {beta}")
-
-
-def _resolve_kind(kind: str, beta: float) -> str:
-    """jsd at beta = 0 / 1 is forward / reverse KL (see `token_divergence`)."""
-    if kind == "jsd" and beta == 0.0:
-        return "forward_kl"
-    if kind == "jsd" and beta == 1.0:
-        return "reverse_kl"
+    if kind == "jsd" and beta in (0.0, 1.0):
+        return "forward_kl" if beta == 0.0 else "reverse_kl"
     return kind
 
 
@@ -92,11 +90,10 @@ class Objective:
     temperature: float = 1.0
 
     def __post_init__(self):
-        _check_divergence_args(self.divergence, self.beta)
+        kind = self.kind
         _check_temperature(self.temperature)
-        if self.estimator not in ESTIMATORS:
-            raise ValueError(f"estimator={self.estimator!r} is not one of {ESTIMATORS}")
-        if self.estimator in REVERSE_KL_ESTIMATORS and self.kind != "reverse_kl":
+        _check_choice("estimator", self.estimator, ESTIMATORS)
+        if self.estimator in REVERSE_KL_ESTIMATORS and kind != "reverse_kl":
             valid = tuple(e for e in ESTIMATORS if e not in REVERSE_KL_ESTIMATORS)
             raise ValueError(
                 f"estimator={self.estimator!r} estimates reverse KL only: it needs "
@@ -107,8 +104,7 @@ class Objective:
             raise ValueError(
                 f"top_k must be >= 1 with estimator={self.estimator!r}, got {self.top_k}"
             )
-        if self.topk_form not in TOPK_FORMS:
-            raise ValueError(f"topk_form={self.topk_form!r} is not one of {TOPK_FORMS}")
+        _check_choice("topk_form", self.topk_form, TOPK_FORMS)
 
     @property
     def kind(self) -> str:
@@ -190,9 +186,8 @@ def token_divergence(
     beta -> 1, so, following GKD and TRL, beta = 0 is defined as forward KL and beta = 1
     as reverse KL (exactly those values), and one knob sweeps forward KL -> reverse KL.
     """
-    _check_divergence_args(kind, beta)
-    logp_BxTxV = jax.lax.stop_gradient(teacher_logprobs_BxTxV)
     kind = _resolve_kind(kind, beta)
+    logp_BxTxV = jax.lax.stop_gradient(teacher_logprobs_BxTxV)
     if kind == "forward_kl":
         return _kl(logp_BxTxV, student_logprobs_BxTxV)
     if kind == "reverse_kl":
@@ -245,7 +240,6 @@ def teacher_topk_divergence(
     float32 eps, the resolution of 1 - sum, so a teacher whose top-k mass rounds to 1
     gives a finite reverse KL instead of inf.
     """
-    _check_divergence_args(kind, beta)
     _check_k(k, student_logprobs_BxTxV.shape[-1], allow_full=False)
     logp_top_BxTxK, top_ids_BxTxK = jax.lax.top_k(jax.lax.stop_gradient(teacher_logprobs_BxTxV), k)
     top_mass_BxT = jnp.sum(jnp.exp(logp_top_BxTxK), axis=-1)
@@ -294,8 +288,7 @@ def student_topk_reverse_kl(
     not clamped.
     """
     _check_k(k, student_logprobs_BxTxV.shape[-1], allow_full=True)
-    if form not in TOPK_FORMS:
-        raise ValueError(f"topk_form={form!r} is not one of {TOPK_FORMS}")
+    _check_choice("topk_form", form, TOPK_FORMS)
     logp_BxTxV = jax.lax.stop_gradient(teacher_logprobs_BxTxV)
     logq_BxTxV = student_logprobs_BxTxV
     _, top_ids_BxTxK = jax.lax.top_k(jax.lax.stop_gradient(logq_BxTxV), k)
@@ -344,14 +337,11 @@ def sampled_estimate(
     Positions outside `valid_BxT` are zeroed before the math: a padding token can have an
     extreme ratio whose inf would turn the masked-out gradient into NaN.
     """
-    if estimator not in SAMPLED_ESTIMATORS:
-        raise ValueError(f"estimator={estimator!r} is not one of {SAMPLED_ESTIMATORS}")
+    _check_choice("estimator", estimator, SAMPLED_ESTIMATORS)
     if valid_BxT is not None:
         keep = lambda x: jnp.where(valid_BxT.astype(bool), x, 0.0)
-        teacher_logprob_BxT, student_logprob_BxT = (
-            keep(teacher_logprob_BxT),
-            keep(student_logprob_BxT),
-        )
+        teacher_logprob_BxT = keep(teacher_logprob_BxT)
+        student_logprob_BxT = keep(student_logprob_BxT)
         sampler_logprob_BxT = keep(sampler_logprob_BxT)
     sg = jax.lax.stop_gradient
     log_q_BxT = student_logprob_BxT
@@ -376,96 +366,11 @@ def token_logprobs(
 # ------------------------------------------------- chunked LM head + statistics
 
 
-def _logits(hidden_BxCxD: jax.Array, head_DxV: jax.Array) -> jax.Array:
+def _logits(hidden_BxCxD: jax.Array, head_DxV: jax.Array, sharding: Any) -> jax.Array:
     """hidden @ head accumulated in at least float32, like the model's own logits."""
     dtype = jnp.promote_types(jnp.result_type(hidden_BxCxD, head_DxV), jnp.float32)
-    return jnp.einsum("bcd,dv->bcv", hidden_BxCxD, head_DxV, preferred_element_type=dtype)
-
-
-def _split_chunks(x_BxT: jax.Array, chunk: int) -> jax.Array:
-    """[B, T, ...] -> [T/chunk, B, chunk, ...], zero-padding T up to a multiple of chunk."""
-    B, T = x_BxT.shape[:2]
-    num_chunks = -(-T // chunk)
-    pad = [(0, 0), (0, num_chunks * chunk - T)] + [(0, 0)] * (x_BxT.ndim - 2)
-    x_BxNxC = jnp.pad(x_BxT, pad).reshape(B, num_chunks, chunk, *x_BxT.shape[2:])
-    return jnp.swapaxes(x_BxNxC, 0, 1)
-
-
-def _merge_chunks(x_NxBxC: jax.Array, length: int) -> jax.Array:
-    """Inverse of `_split_chunks` for per-position outputs; drops the padded positions."""
-    num_chunks, B, chunk = x_NxBxC.shape
-    return jnp.swapaxes(x_NxBxC, 0, 1).reshape(B, num_chunks * chunk)[:, :length]
-
-
-def _check_chunk_size(chunk_size: int) -> None:
-    if chunk_size < 0:
-        raise ValueError(f"chunk_size must be >= 0 (0 = no chunking), got {chunk_size}")
-
-
-def _map_chunks(
-    fn: Callable[[jax.Array, jax.Array, Any], Any],
-    teacher_hidden_BxTxD: jax.Array,
-    teacher_head_DxV: jax.Array,
-    student_hidden_BxTxE: jax.Array,
-    student_head_ExV: jax.Array,
-    tokens_BxT: jax.Array | None,
-    chunk_size: int,
-    logits_sharding: Any = None,
-) -> Any:
-    """Applies fn(teacher_logits, student_logits, tokens) -> {name: [B, C]} chunk by chunk.
-
-    The sequence is cut into chunks of `chunk_size` positions (all rows at once, so a
-    batch sharded over devices stays sharded). Each chunk's logits come from hidden @ head
-    inside `jax.checkpoint`, so the backward pass recomputes them instead of keeping
-    every chunk's [B, C, V] residuals: peak logits memory is O(B x chunk_size x V) in both
-    passes. The last chunk is zero-padded; padded positions are computed and dropped,
-    so they receive no gradient. chunk_size = 0 materializes all logits at once.
-    `logits_sharding` pins both [B, C, V] logits (on a mesh: rows over the data axes,
-    vocabulary over the tensor axis, so no device holds a whole vocabulary row).
-    """
-    _check_chunk_size(chunk_size)
-    teacher_hidden_BxTxD = jax.lax.stop_gradient(teacher_hidden_BxTxD)
-    teacher_head_DxV = jax.lax.stop_gradient(teacher_head_DxV)
-
-    def chunk_fn(teacher_head, student_head, teacher_hidden, student_hidden, tokens):
-        pin = lambda logits: mesh.constrain(logits, logits_sharding)
-        return fn(
-            pin(_logits(teacher_hidden, teacher_head)),
-            pin(_logits(student_hidden, student_head)),
-            tokens,
-        )
-
-    T = student_hidden_BxTxE.shape[1]
-    if chunk_size == 0:
-        return chunk_fn(
-            teacher_head_DxV,
-            student_head_ExV,
-            teacher_hidden_BxTxD,
-            student_hidden_BxTxE,
-            tokens_BxT,
-        )
-    chunk = min(chunk_size, T)
-    remat_fn = jax.checkpoint(chunk_fn, prevent_cse=False)
-    inputs = jax.tree.map(
-        lambda x: _split_chunks(x, chunk), (teacher_hidden_BxTxD, student_hidden_BxTxE, tokens_BxT)
-    )
-    outputs = jax.lax.map(lambda xs: remat_fn(teacher_head_DxV, student_head_ExV, *xs), inputs)
-    return jax.tree.map(lambda x: _merge_chunks(x, T), outputs)
-
-
-def _vocab_estimate(
-    logp_BxCxV: jax.Array, logq_BxCxV: jax.Array, divergence_BxC: jax.Array, objective: Objective
-) -> jax.Array | None:
-    """The estimate of the estimators that read whole vocabulary rows; None for sampled."""
-    if objective.estimator == "full":
-        return divergence_BxC
-    if objective.estimator == "teacher_topk":
-        return teacher_topk_divergence(
-            logp_BxCxV, logq_BxCxV, objective.top_k, objective.kind, objective.beta
-        )
-    if objective.estimator == "student_topk":
-        return student_topk_reverse_kl(logp_BxCxV, logq_BxCxV, objective.top_k, objective.topk_form)
-    return None
+    logits_BxCxV = jnp.einsum("bcd,dv->bcv", hidden_BxCxD, head_DxV, preferred_element_type=dtype)
+    return mesh.constrain(logits_BxCxV, sharding)
 
 
 def _chunk_statistics(
@@ -474,9 +379,10 @@ def _chunk_statistics(
     tokens_BxC: jax.Array,
     objective: Objective,
 ) -> dict[str, jax.Array]:
-    tau = objective.temperature
+    tau, kind = objective.temperature, objective.kind
     logp_BxCxV = log_probs(teacher_logits_BxCxV, tau)
     logq_BxCxV = log_probs(student_logits_BxCxV, tau)
+    raw_logq_BxCxV = logq_BxCxV if tau == 1.0 else log_probs(student_logits_BxCxV)
     stats = {
         "forward_kl": _kl(logp_BxCxV, logq_BxCxV),
         "reverse_kl": _kl(logq_BxCxV, logp_BxCxV),
@@ -484,19 +390,19 @@ def _chunk_statistics(
         "student_entropy": _entropy(logq_BxCxV),
         "teacher_logprob": _take(logp_BxCxV, tokens_BxC),
         "student_logprob": _take(logq_BxCxV, tokens_BxC),
+        "student_raw_logprob": _take(raw_logq_BxCxV, tokens_BxC),
     }
-    kind = objective.kind
     stats["divergence"] = (
         _jsd(logp_BxCxV, logq_BxCxV, objective.beta) if kind == "jsd" else stats[kind]
     )
-    stats["student_raw_logprob"] = (
-        stats["student_logprob"]
-        if tau == 1.0
-        else _take(log_probs(student_logits_BxCxV), tokens_BxC)
-    )
-    estimate = _vocab_estimate(logp_BxCxV, logq_BxCxV, stats["divergence"], objective)
-    if estimate is not None:
-        stats["estimate"] = estimate
+    if objective.estimator == "full":
+        stats["estimate"] = stats["divergence"]
+    elif objective.estimator == "teacher_topk":
+        k, beta = objective.top_k, objective.beta
+        stats["estimate"] = teacher_topk_divergence(logp_BxCxV, logq_BxCxV, k, kind, beta)
+    elif objective.estimator == "student_topk":
+        k, form = objective.top_k, objective.topk_form
+        stats["estimate"] = student_topk_reverse_kl(logp_BxCxV, logq_BxCxV, k, form)
     return stats
 
 
@@ -522,26 +428,46 @@ def token_statistics(
     its raw log-prob). Sampled estimators need `sampler_logprob_BxT`, the log-prob under
     the distribution that drew each token; `valid_BxT` marks the real tokens.
     Teacher and student may have different widths (D, E) but share the vocabulary V.
+
+    The sequence is cut into chunks of `chunk_size` positions (all rows at once, so a
+    batch sharded over devices stays sharded). Each chunk's logits come from hidden @ head
+    inside `jax.checkpoint`, so the backward pass recomputes them instead of keeping
+    every chunk's [B, C, V] residuals: peak logits memory is O(B x chunk_size x V) in both
+    passes. The last chunk is zero-padded; padded positions are computed and dropped,
+    so they receive no gradient. chunk_size = 0 materializes all logits at once.
+    `logits_sharding` pins both [B, C, V] logits (on a mesh: rows over the data axes,
+    vocabulary over the tensor axis, so no device holds a whole vocabulary row).
     """
     if objective.sampled and sampler_logprob_BxT is None:
         raise ValueError(
             f"estimator={objective.estimator!r} weighs each sampled token by the sampler's "
             "log-prob of it: pass sampler_logprob_BxT (the rollout's recorded log-probs)"
         )
+    if chunk_size < 0:
+        raise ValueError(f"chunk_size must be >= 0 (0 = no chunking), got {chunk_size}")
+    heads = (jax.lax.stop_gradient(teacher_head_DxV), student_head_ExV)
+    per_position = (jax.lax.stop_gradient(teacher_hidden_BxTxD), student_hidden_BxTxE, tokens_BxT)
 
-    def fn(teacher_logits_BxCxV, student_logits_BxCxV, tokens_BxC):
-        return _chunk_statistics(teacher_logits_BxCxV, student_logits_BxCxV, tokens_BxC, objective)
+    def chunk_statistics(teacher_head, student_head, teacher_hidden, student_hidden, tokens):
+        teacher_logits = _logits(teacher_hidden, teacher_head, logits_sharding)
+        student_logits = _logits(student_hidden, student_head, logits_sharding)
+        return _chunk_statistics(teacher_logits, student_logits, tokens, objective)
 
-    stats = _map_chunks(
-        fn,
-        teacher_hidden_BxTxD,
-        teacher_head_DxV,
-        student_hidden_BxTxE,
-        student_head_ExV,
-        tokens_BxT,
-        chunk_size,
-        logits_sharding,
-    )
+    if chunk_size == 0:
+        stats = chunk_statistics(*heads, *per_position)
+    else:
+        B, T = tokens_BxT.shape
+        chunk = min(chunk_size, T)
+        n = -(-T // chunk)
+
+        def split(x: jax.Array) -> jax.Array:  # [B, T, ...] -> [n, B, chunk, ...]
+            pad = [(0, 0), (0, n * chunk - T)] + [(0, 0)] * (x.ndim - 2)
+            return jnp.pad(x, pad).reshape(B, n, chunk, *x.shape[2:]).swapaxes(0, 1)
+
+        remat_statistics = jax.checkpoint(chunk_statistics, prevent_cse=False)
+        chunked = jax.tree.map(split, per_position)
+        stats = jax.lax.map(lambda xs: remat_statistics(*heads, *xs), chunked)
+        stats = jax.tree.map(lambda x: x.swapaxes(0, 1).reshape(B, n * chunk)[:, :T], stats)
     if objective.sampled:
         stats["estimate"] = sampled_estimate(
             stats["teacher_logprob"],

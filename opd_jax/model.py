@@ -27,7 +27,7 @@ from __future__ import annotations
 import dataclasses
 import math
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -102,70 +102,64 @@ _ACTIVATIONS = {
 }
 
 
-def param_shapes(config: ModelConfig) -> dict[str, Any]:
-    """Every parameter's shape and logical axis names, the one source for init and sharding."""
-    c = config
-    L, D, H, K, Dh, F = c.n_layers, c.d_model, c.n_heads, c.n_kv_heads, c.head_dim, c.mlp_dim
-    layers = {
-        "attn_norm": ((L, D), ("layers", "embed")),
-        "q": ((L, D, H, Dh), ("layers", "embed", "heads", "head_dim")),
-        "k": ((L, D, K, Dh), ("layers", "embed", "kv_heads", "head_dim")),
-        "v": ((L, D, K, Dh), ("layers", "embed", "kv_heads", "head_dim")),
-        "o": ((L, H, Dh, D), ("layers", "heads", "head_dim", "embed")),
-        "mlp_norm": ((L, D), ("layers", "embed")),
-        "gate": ((L, D, F), ("layers", "embed", "mlp")),
-        "up": ((L, D, F), ("layers", "embed", "mlp")),
-        "down": ((L, F, D), ("layers", "mlp", "embed")),
-    }
-    if c.qkv_bias:
-        layers["q_bias"] = ((L, H, Dh), ("layers", "heads", "head_dim"))
-        layers["k_bias"] = ((L, K, Dh), ("layers", "kv_heads", "head_dim"))
-        layers["v_bias"] = ((L, K, Dh), ("layers", "kv_heads", "head_dim"))
-    if c.qk_norm:
-        layers["q_norm"] = ((L, Dh), ("layers", "head_dim"))
-        layers["k_norm"] = ((L, Dh), ("layers", "head_dim"))
-    if c.post_norms:
-        layers["post_attn_norm"] = ((L, D), ("layers", "embed"))
-        layers["post_mlp_norm"] = ((L, D), ("layers", "embed"))
-    shapes = {
-        "embed": ((c.vocab_size, D), ("vocab", "embed")),
-        "layers": layers,
-        "final_norm": ((D,), ("embed",)),
-    }
-    if not c.tie_embeddings:
-        shapes["lm_head"] = ((D, c.vocab_size), ("embed", "vocab"))
-    return shapes
-
-
-def _is_leaf_spec(x: Any) -> bool:
-    return isinstance(x, tuple) and len(x) == 2 and isinstance(x[1], tuple)
-
-
 def param_axes(config: ModelConfig) -> Params:
     """The logical axis names of every parameter, as a pytree shaped like the params."""
-    return jax.tree.map(lambda spec: spec[1], param_shapes(config), is_leaf=_is_leaf_spec)
+    layers = {
+        "attn_norm": ("layers", "embed"),
+        "q": ("layers", "embed", "heads", "head_dim"),
+        "k": ("layers", "embed", "kv_heads", "head_dim"),
+        "v": ("layers", "embed", "kv_heads", "head_dim"),
+        "o": ("layers", "heads", "head_dim", "embed"),
+        "mlp_norm": ("layers", "embed"),
+        "gate": ("layers", "embed", "mlp"),
+        "up": ("layers", "embed", "mlp"),
+        "down": ("layers", "mlp", "embed"),
+    }
+    if config.qkv_bias:
+        layers["q_bias"] = ("layers", "heads", "head_dim")
+        layers["k_bias"] = layers["v_bias"] = ("layers", "kv_heads", "head_dim")
+    if config.qk_norm:
+        layers["q_norm"] = layers["k_norm"] = ("layers", "head_dim")
+    if config.post_norms:
+        layers["post_attn_norm"] = layers["post_mlp_norm"] = ("layers", "embed")
+    axes = {"embed": ("vocab", "embed"), "layers": layers, "final_norm": ("embed",)}
+    if not config.tie_embeddings:
+        axes["lm_head"] = ("embed", "vocab")
+    return axes
+
+
+def param_shapes(config: ModelConfig) -> dict[str, Any]:
+    """Every parameter's (shape, logical axis names), the one source for init and sharding."""
+    c = config
+    sizes = {
+        "layers": c.n_layers,
+        "embed": c.d_model,
+        "heads": c.n_heads,
+        "kv_heads": c.n_kv_heads,
+        "head_dim": c.head_dim,
+        "mlp": c.mlp_dim,
+        "vocab": c.vocab_size,
+    }
+    with_shape = lambda axes: (tuple(sizes[a] for a in axes), axes)
+    return jax.tree.map(with_shape, param_axes(c), is_leaf=lambda x: isinstance(x, tuple))
 
 
 def init_params(config: ModelConfig, key: jax.Array, dtype: Any = jnp.float32) -> Params:
     """Random init (normal 0.02, unit norm scales, zero biases) for students trained from scratch."""
-    specs = param_shapes(config)
-    leaves, treedef = jax.tree.flatten(specs, is_leaf=_is_leaf_spec)
-    paths = [
-        jax.tree_util.keystr(p) for p, _ in jax.tree.flatten_with_path(specs, _is_leaf_spec)[0]
-    ]
-    keys = jax.random.split(key, len(leaves))
+    is_spec = lambda x: isinstance(x, tuple) and len(x) == 2 and isinstance(x[1], tuple)
+    specs, treedef = jax.tree.flatten_with_path(param_shapes(config), is_leaf=is_spec)
+    keys = jax.random.split(key, len(specs))
 
-    def init_one(path: str, spec: tuple, k: jax.Array) -> jax.Array:
-        shape, _ = spec
-        if "norm" in path:
+    def init_one(path: tuple, shape: tuple[int, ...], k: jax.Array) -> jax.Array:
+        name = jax.tree_util.keystr(path)
+        if "norm" in name:
             return jnp.ones(shape, dtype)
-        if "bias" in path:
+        if "bias" in name:
             return jnp.zeros(shape, dtype)
         return (0.02 * jax.random.normal(k, shape, jnp.float32)).astype(dtype)
 
-    return jax.tree.unflatten(
-        treedef, [init_one(*a) for a in zip(paths, leaves, keys, strict=True)]
-    )
+    leaves = [init_one(path, shape, k) for (path, (shape, _)), k in zip(specs, keys, strict=True)]
+    return jax.tree.unflatten(treedef, leaves)
 
 
 def rope_inv_freq(rope: RopeConfig, head_dim: int) -> np.ndarray:
@@ -251,9 +245,7 @@ def _project_qkv(
 ) -> tuple[jax.Array, jax.Array, jax.Array]:
     """Rotated queries [B, T, H, Dh], and rotated keys and values in the cache's [B, K, T, Dh]."""
     c = config
-    q = jnp.einsum("btd,dhk->bthk", h_BxTxD, p["q"])
-    k = jnp.einsum("btd,dhk->bthk", h_BxTxD, p["k"])
-    v = jnp.einsum("btd,dhk->bthk", h_BxTxD, p["v"])
+    q, k, v = (jnp.einsum("btd,dhk->bthk", h_BxTxD, p[name]) for name in "qkv")
     if c.qkv_bias:
         q, k, v = q + p["q_bias"], k + p["k_bias"], v + p["v_bias"]
     if c.qk_norm:
@@ -265,30 +257,34 @@ def _project_qkv(
     return q, k.swapaxes(1, 2), v.swapaxes(1, 2)
 
 
-def _attention_mask(
-    query_slots_T: jax.Array,
-    key_valid_BxS: jax.Array,
-    is_sliding: bool | jax.Array,
-    config: ModelConfig,
-) -> jax.Array:
-    """[B, T, S]: a query sees valid keys at its own slot or before, within the window."""
-    key_slots_S = jnp.arange(key_valid_BxS.shape[1])
-    distance_TxS = query_slots_T[:, None] - key_slots_S[None, :]
-    window = config.sliding_window or key_valid_BxS.shape[1]
-    in_window_TxS = jnp.where(is_sliding, distance_TxS < window, True)
-    return ((distance_TxS >= 0) & in_window_TxS)[None] & key_valid_BxS[:, None, :]
+class Slots(NamedTuple):
+    """Where a block's T new tokens go: key slots [first, first + T), at positions
+    `positions_BxT`, among S key slots of which `valid_BxS` marks those holding real tokens."""
+
+    first: jax.Array | int
+    positions_BxT: jax.Array
+    valid_BxS: jax.Array
 
 
 def _attention(
     q_BxTxHxDh: jax.Array,
     k_BxKxSxDh: jax.Array,
     v_BxKxSxDh: jax.Array,
-    mask_BxTxS: jax.Array,
-    scale: float,
+    slots: Slots,
+    is_sliding: bool | jax.Array,
+    config: ModelConfig,
 ) -> jax.Array:
+    """Grouped-query attention; a query sees valid keys at its own slot or before, within
+    the window on sliding layers."""
     B, T, H, Dh = q_BxTxHxDh.shape
-    K = k_BxKxSxDh.shape[1]
+    K, S = k_BxKxSxDh.shape[1:3]
+    distance_TxS = (slots.first + jnp.arange(T))[:, None] - jnp.arange(S)[None, :]
+    in_window_TxS = jnp.where(is_sliding, distance_TxS < (config.sliding_window or S), True)
+    mask_BxTxS = ((distance_TxS >= 0) & in_window_TxS)[None] & slots.valid_BxS[:, None, :]
+    scale = (config.query_pre_attn_scalar or config.head_dim) ** -0.5
     q_BxTxKxGxDh = q_BxTxHxDh.reshape(B, T, K, H // K, Dh)
+    dtype = q_BxTxHxDh.dtype
+    k_BxKxSxDh, v_BxKxSxDh = k_BxKxSxDh.astype(dtype), v_BxKxSxDh.astype(dtype)
     scores_BxKxGxTxS = jnp.einsum(
         "btkgd,bksd->bkgts", q_BxTxKxGxDh, k_BxKxSxDh, preferred_element_type=jnp.float32
     )
@@ -308,38 +304,28 @@ def block(
     x_BxTxD: jax.Array,
     p: Params,
     kv: LayerCache | None,
-    *,
-    first_slot: jax.Array | int,
-    positions_BxT: jax.Array,
-    key_valid_BxS: jax.Array,
     is_sliding: bool | jax.Array,
+    slots: Slots,
     config: ModelConfig,
 ) -> tuple[jax.Array, LayerCache | None]:
-    """The transformer block (pre-norm attention, then MLP) on T new tokens in key slots
-    [first_slot, first_slot + T).
+    """The transformer block (pre-norm attention, then MLP) on T new tokens.
 
-    With a layer cache `kv` the new keys and values are written into those slots and the
+    With a layer cache `kv` the new keys and values are written into their slots and the
     queries attend over all S slots of it; without one they attend over each other
-    (S = T). `key_valid_BxS` marks the slots that hold real tokens; causality and the
-    sliding window are applied here. Returns the block's output and the updated cache.
+    (S = T). Causality and the sliding window are applied here. Returns the block's
+    output and the updated cache.
     """
     c = config
     h = rms_norm(x_BxTxD, p["attn_norm"], c.norm_eps)
-    q_BxTxHxDh, k_BxKxTxDh, v_BxKxTxDh = _project_qkv(h, p, positions_BxT, is_sliding, c)
+    q_BxTxHxDh, k_BxKxTxDh, v_BxKxTxDh = _project_qkv(h, p, slots.positions_BxT, is_sliding, c)
     if kv is None:
         keys_BxKxSxDh, values_BxKxSxDh = k_BxKxTxDh, v_BxKxTxDh
     else:
         write = lambda cache, new: jax.lax.dynamic_update_slice_in_dim(
-            cache, new.astype(cache.dtype), first_slot, axis=2
+            cache, new.astype(cache.dtype), slots.first, axis=2
         )
         keys_BxKxSxDh, values_BxKxSxDh = write(kv[0], k_BxKxTxDh), write(kv[1], v_BxKxTxDh)
-    query_slots_T = first_slot + jnp.arange(x_BxTxD.shape[1])
-    mask_BxTxS = _attention_mask(query_slots_T, key_valid_BxS, is_sliding, c)
-    scale = (c.query_pre_attn_scalar or c.head_dim) ** -0.5
-    dtype = q_BxTxHxDh.dtype
-    attn = _attention(
-        q_BxTxHxDh, keys_BxKxSxDh.astype(dtype), values_BxKxSxDh.astype(dtype), mask_BxTxS, scale
-    )
+    attn = _attention(q_BxTxHxDh, keys_BxKxSxDh, values_BxKxSxDh, slots, is_sliding, c)
     attn_out = jnp.einsum("bthk,hkd->btd", attn, p["o"])
     if c.post_norms:
         attn_out = rms_norm(attn_out, p["post_attn_norm"], c.norm_eps)
@@ -384,28 +370,16 @@ def hidden_states(
         key_valid_BxS = jax.lax.dynamic_update_slice_in_dim(cache["valid"], valid_BxT, index, 1)
         stacked_kv = (cache["k"], cache["v"])
 
-    def body(x, layer_inputs):
-        p, is_sliding, kv = layer_inputs
-        return block(
-            x,
-            p,
-            kv,
-            first_slot=index,
-            positions_BxT=positions_BxT,
-            key_valid_BxS=key_valid_BxS,
-            is_sliding=is_sliding,
-            config=config,
-        )
-
+    slots = Slots(index, positions_BxT, key_valid_BxS)
+    body = lambda x, layer: block(x, *layer, slots, config)
     if remat:
         body = jax.checkpoint(body)
-    is_sliding_L = jnp.asarray(config.is_sliding)
-    x, new_kv = jax.lax.scan(body, x, (params["layers"], is_sliding_L, stacked_kv))
+    layers = (params["layers"], stacked_kv, jnp.asarray(config.is_sliding))
+    x, new_kv = jax.lax.scan(body, x, layers)
     x = rms_norm(x, params["final_norm"], config.norm_eps)
     if cache is None:
         return x, None
-    new_cache = {"k": new_kv[0], "v": new_kv[1], "valid": key_valid_BxS, "index": index + T}
-    return x, new_cache
+    return x, {"k": new_kv[0], "v": new_kv[1], "valid": key_valid_BxS, "index": index + T}
 
 
 def lm_head(params: Params, config: ModelConfig) -> jax.Array:
@@ -421,10 +395,7 @@ def logits_from_hidden(params: Params, hidden_BxTxD: jax.Array, config: ModelCon
 
 
 def forward(
-    params: Params,
-    tokens_BxT: jax.Array,
-    config: ModelConfig,
-    **kwargs: Any,
+    params: Params, tokens_BxT: jax.Array, config: ModelConfig, **kwargs: Any
 ) -> tuple[jax.Array, Cache | None]:
     """Logits [B, T, V] (float32) and the updated cache; see `hidden_states` for kwargs."""
     hidden_BxTxD, cache = hidden_states(params, tokens_BxT, config, **kwargs)
@@ -450,18 +421,10 @@ def decode_step(
     slots that hold real tokens; slots after `slot` are masked by causality anyway.
     """
     x_Bx1xD = _embed(params, token_B[:, None], config)
+    slots = Slots(slot, positions_B[:, None], valid_BxS)
     new_caches = []
     for p, kv, is_sliding in zip(layers, caches, config.is_sliding, strict=True):
-        x_Bx1xD, kv = block(
-            x_Bx1xD,
-            p,
-            kv,
-            first_slot=slot,
-            positions_BxT=positions_B[:, None],
-            key_valid_BxS=valid_BxS,
-            is_sliding=is_sliding,
-            config=config,
-        )
+        x_Bx1xD, kv = block(x_Bx1xD, p, kv, is_sliding, slots, config)
         new_caches.append(kv)
     hidden_Bx1xD = rms_norm(x_Bx1xD, params["final_norm"], config.norm_eps)
     return logits_from_hidden(params, hidden_Bx1xD, config)[:, 0], tuple(new_caches)

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from collections.abc import Sequence
 from typing import Any, NamedTuple
 
 import flax.struct
@@ -109,13 +108,9 @@ class Samples:
     lengths_B: jax.Array
 
 
-CACHE_AXES = model.CACHE_AXES  # logical axes of one layer's key or value cache buffer
-
-
 class _DecodeState(NamedTuple):
     step: jax.Array  # the completion position the next emitted token goes to
     caches: tuple[model.LayerCache, ...]  # one buffer pair per layer, updated in place
-    positions_B: jax.Array  # position of the token last fed to the model
     done_B: jax.Array
     samples: Samples
 
@@ -128,7 +123,7 @@ def _pin_layout(state: _DecodeState, placement: mesh.Placement | None) -> _Decod
         return state
     rows = placement.rows
     pin_rows = lambda x: mesh.constrain(x, mesh.fitted_sharding(x.shape, rows)) if x.ndim else x
-    caches = jax.tree.map(lambda x: placement.pin(x, CACHE_AXES), state.caches)
+    caches = jax.tree.map(lambda x: placement.pin(x, model.CACHE_AXES), state.caches)
     per_row = jax.tree.map(pin_rows, state._replace(caches=()))
     return per_row._replace(caches=caches)
 
@@ -155,26 +150,20 @@ def _log_prob_at(logits_BxV: jax.Array, token_B: jax.Array) -> jax.Array:
     return picked_B - jax.nn.logsumexp(logits_BxV, axis=-1)
 
 
-def _choose(
-    logits_BxV: jax.Array, keys_B: jax.Array, config: SamplingConfig
-) -> tuple[jax.Array, jax.Array, jax.Array]:
-    """Next token per row, with its sampling and raw (temperature-1) log-probs."""
+def _emit(
+    state: _DecodeState, logits_BxV: jax.Array, row_keys_B: jax.Array, config: SamplingConfig
+) -> _DecodeState:
+    """Draws the token for position `step` and writes it with its sampling and raw
+    (temperature-1) log-probs; rows already done write padding."""
     if config.greedy:
         token_B = jnp.argmax(logits_BxV, axis=-1).astype(jnp.int32)
         logprob_B = jnp.zeros(token_B.shape, jnp.float32)
     else:
+        keys_B = jax.vmap(jax.random.fold_in, (0, None))(row_keys_B, state.step)
         filtered_BxV = _filtered_logits(logits_BxV, config)
         token_B = jax.vmap(jax.random.categorical)(keys_B, filtered_BxV).astype(jnp.int32)
         logprob_B = _log_prob_at(filtered_BxV, token_B)
-    return token_B, logprob_B, _log_prob_at(logits_BxV, token_B)
-
-
-def _emit(
-    state: _DecodeState, logits_BxV: jax.Array, row_keys_B: jax.Array, config: SamplingConfig
-) -> _DecodeState:
-    """Draws the token for position `step` and writes it; rows already done write padding."""
-    keys_B = jax.vmap(jax.random.fold_in, (0, None))(row_keys_B, state.step)
-    token_B, logprob_B, raw_logprob_B = _choose(logits_BxV, keys_B, config)
+    raw_logprob_B = _log_prob_at(logits_BxV, token_B)
     live_B = ~state.done_B
     s = state.samples
     write = lambda buf_BxN, value_B: buf_BxN.at[:, state.step].set(value_B)
@@ -187,22 +176,6 @@ def _emit(
     )
     is_eos_B = jnp.isin(token_B, jnp.asarray(config.eos_ids, jnp.int32))
     return state._replace(step=state.step + 1, done_B=state.done_B | is_eos_B, samples=samples)
-
-
-def _prefill(
-    params: Params, prompt_BxP: jax.Array, prompt_valid_BxP: jax.Array, N: int, config: ModelConfig
-) -> tuple[jax.Array, tuple[model.LayerCache, ...]]:
-    """Last-position logits [B, V], and per-layer caches with N empty slots after the prompt."""
-    B, P = prompt_BxP.shape
-    hidden_BxPxD, cache = model.hidden_states(
-        params,
-        prompt_BxP,
-        config,
-        valid_BxT=prompt_valid_BxP,
-        cache=model.init_cache(config, B, P + N, params["embed"].dtype),
-    )
-    logits_BxV = model.logits_from_hidden(params, hidden_BxPxD[:, -1:], config)[:, 0]
-    return logits_BxV, model.layer_caches(cache)
 
 
 def sample(
@@ -222,45 +195,34 @@ def sample(
     B, P = prompt_BxP.shape
     config.check(model_config.vocab_size, P)
     N = config.max_new_tokens
-    logits_BxV, caches = _prefill(params, prompt_BxP, prompt_valid_BxP, N, model_config)
+    cache = model.init_cache(model_config, B, P + N, params["embed"].dtype)
+    hidden_BxPxD, cache = model.hidden_states(
+        params, prompt_BxP, model_config, valid_BxT=prompt_valid_BxP, cache=cache
+    )
+    logits_BxV = model.logits_from_hidden(params, hidden_BxPxD[:, -1:], model_config)[:, 0]
     layers = model.unstack_layers(params, model_config)
+    last_position_B = model.positions_from_mask(prompt_valid_BxP)[:, -1]
     # Every completion slot holds a real token once written; until then causality hides it.
     valid_BxS = jnp.pad(prompt_valid_BxP, ((0, 0), (0, N)), constant_values=True)
     row_keys_B = jax.vmap(jax.random.fold_in, (None, 0))(key, jnp.arange(B))
-    empty = Samples(
-        tokens_BxN=jnp.full((B, N), config.pad_id, jnp.int32),
-        logprobs_BxN=jnp.zeros((B, N), jnp.float32),
-        raw_logprobs_BxN=jnp.zeros((B, N), jnp.float32),
-        mask_BxN=jnp.zeros((B, N), jnp.float32),
-        lengths_B=jnp.zeros((B,), jnp.int32),
-    )
-    start = _DecodeState(
-        step=jnp.zeros((), jnp.int32),
-        caches=caches,
-        positions_B=model.positions_from_mask(prompt_valid_BxP)[:, -1],
-        done_B=jnp.zeros((B,), bool),
-        samples=empty,
-    )
+    zeros_BxN = jnp.zeros((B, N), jnp.float32)
+    pads_BxN = jnp.full((B, N), config.pad_id, jnp.int32)
+    empty = Samples(pads_BxN, zeros_BxN, zeros_BxN, zeros_BxN, jnp.zeros((B,), jnp.int32))
+    caches = model.layer_caches(cache)
+    start = _DecodeState(jnp.zeros((), jnp.int32), caches, jnp.zeros((B,), bool), empty)
     state = _pin_layout(_emit(start, logits_BxV, row_keys_B, config), placement)
 
     def keep_going(state: _DecodeState) -> jax.Array:
         return (state.step < N) & ~jnp.all(state.done_B)
 
     def decode_one(state: _DecodeState) -> _DecodeState:
-        state = state._replace(positions_B=state.positions_B + 1)
         last_B = state.samples.tokens_BxN[:, state.step - 1]
+        slot, positions_B = P + state.step - 1, last_position_B + state.step
         logits_BxV, caches = model.decode_step(
-            params,
-            layers,
-            last_B,
-            state.caches,
-            P + state.step - 1,
-            state.positions_B,
-            valid_BxS,
-            model_config,
+            params, layers, last_B, state.caches, slot, positions_B, valid_BxS, model_config
         )
-        state = state._replace(caches=caches)
-        return _pin_layout(_emit(state, logits_BxV, row_keys_B, config), placement)
+        state = _emit(state._replace(caches=caches), logits_BxV, row_keys_B, config)
+        return _pin_layout(state, placement)
 
     return jax.lax.while_loop(keep_going, decode_one, state).samples
 
@@ -316,22 +278,3 @@ def generate(
     return sample_jit(
         params, place(prompt_BxP), place(prompt_valid_BxP), key, model_config, config, placement
     )
-
-
-def left_pad(
-    sequences: Sequence[Sequence[int]], pad_id: int, width: int | None = None
-) -> tuple[np.ndarray, np.ndarray]:
-    """Token lists -> (tokens [B, P] int32, valid [B, P] bool), right-aligned; P defaults to
-    the longest list."""
-    lengths = [len(s) for s in sequences]
-    if not lengths or min(lengths) == 0:
-        raise ValueError("left_pad needs at least one sequence and no empty ones")
-    width = max(lengths) if width is None else width
-    if max(lengths) > width:
-        raise ValueError(f"a sequence of {max(lengths)} tokens does not fit in width {width}")
-    tokens_BxP = np.full((len(sequences), width), pad_id, np.int32)
-    valid_BxP = np.zeros((len(sequences), width), bool)
-    for row, seq in enumerate(sequences):
-        tokens_BxP[row, width - len(seq) :] = seq
-        valid_BxP[row, width - len(seq) :] = True
-    return tokens_BxP, valid_BxP

@@ -27,7 +27,9 @@ def _params(seed):
 
 @pytest.fixture(scope="module")
 def inputs():
-    prompt, valid = sampling.left_pad([[3, 4, 5], [6, 7], [8], [9, 10, 11], [12], [13, 14]], 0)
+    rows = [[3, 4, 5], [6, 7], [8], [9, 10, 11], [12], [13, 14]]
+    prompt = np.array([[0] * (3 - len(row)) + row for row in rows], np.int32)
+    valid = prompt != 0
     target = np.full((B, N), 50, np.int32)
     target_valid = np.zeros((B, N), bool)
     target_valid[:, :2] = True

@@ -61,9 +61,18 @@ def params() -> model.Params:
     return _sharp_params(TINY, 0)
 
 
+def _left_pad(rows, pad_id=0, width=None) -> tuple[np.ndarray, np.ndarray]:
+    """Token lists -> (tokens [B, P] int32, valid [B, P] bool), right-aligned."""
+    width = width or max(map(len, rows))
+    valid = np.arange(width)[None, :] >= width - np.array([len(r) for r in rows])[:, None]
+    tokens = np.full(valid.shape, pad_id, np.int32)
+    tokens[valid] = np.concatenate(rows)
+    return tokens, valid
+
+
 @pytest.fixture(scope="module")
 def prompts() -> tuple[np.ndarray, np.ndarray]:
-    return sampling.left_pad(PROMPTS, pad_id=0)
+    return _left_pad(PROMPTS)
 
 
 def _run(params, prompts, config, key=0, model_config=TINY) -> sampling.Samples:
@@ -189,7 +198,7 @@ def test_next_token_distribution_matches_the_filtered_softmax(params, config):
     thousand, while a wrong temperature or a wrong cut-off gives p-values far below it.
     """
     n = 4000
-    tokens, valid = sampling.left_pad([PROMPTS[0]] * n, pad_id=0)
+    tokens, valid = _left_pad([PROMPTS[0]] * n)
     samples = _run(params, (tokens, valid), config, key=7)
     logits, _ = model.forward(params, jnp.asarray(tokens[:1]), TINY)
     expected = np.exp(_log_softmax(_filtered(np.asarray(logits[0, -1], np.float64), config)))
@@ -265,8 +274,8 @@ def test_decoding_stops_once_every_row_has_emitted_eos(params, prompts, monkeypa
 def test_a_left_padded_row_samples_as_it_would_alone(params, prompts, config):
     """Row i's key depends only on (key, i), so row 0 alone must repeat row 0 of a batch."""
     batch = _run(params, prompts, config, key=11)
-    alone = _run(params, sampling.left_pad(PROMPTS[1:2], pad_id=0), config, key=11)
-    padded = _run(params, sampling.left_pad(PROMPTS[1:], pad_id=0, width=9), config, key=11)
+    alone = _run(params, _left_pad(PROMPTS[1:2]), config, key=11)
+    padded = _run(params, _left_pad(PROMPTS[1:], width=9), config, key=11)
     assert not prompts[1][1].all()  # row 1 of `batch` is padded
     np.testing.assert_array_equal(padded.tokens_BxN[0], alone.tokens_BxN[0])
     np.testing.assert_allclose(
@@ -295,7 +304,7 @@ def test_new_values_of_the_same_shapes_do_not_recompile(params, prompts):
 
     outer_jit = jax.jit(outer)
     tokens, valid = map(jnp.asarray, prompts)
-    other_tokens, other_valid = map(jnp.asarray, sampling.left_pad([[5], [6, 7, 8], [9, 9]], 0, 6))
+    other_tokens, other_valid = map(jnp.asarray, _left_pad([[5], [6, 7, 8], [9, 9]], width=6))
     _run(params, prompts, config)
     compiled = sampling.sample_jit._cache_size()
     results = []
@@ -354,16 +363,6 @@ def test_bad_prompts_raise_before_compiling(params, config, rows, message):
     assert sampling.sample_jit._cache_size() == compiled
 
 
-def test_left_pad():
-    tokens, valid = sampling.left_pad([[5, 6, 7], [8]], pad_id=1, width=4)
-    np.testing.assert_array_equal(tokens, [[1, 5, 6, 7], [1, 1, 1, 8]])
-    np.testing.assert_array_equal(valid, [[False, True, True, True], [False, False, False, True]])
-    with pytest.raises(ValueError, match="does not fit"):
-        sampling.left_pad([[5, 6, 7]], pad_id=0, width=2)
-    with pytest.raises(ValueError, match="empty"):
-        sampling.left_pad([[5], []], pad_id=0)
-
-
 # ----------------------------------------------------------------------------- real model
 
 
@@ -392,7 +391,7 @@ def test_greedy_matches_transformers_on_smollm2(real_models):
     assert len({len(ids) for ids in prompt_ids}) > 1  # the batch really is left-padded
     eos = tokenizer.eos_token_id
     settings = SamplingConfig(max_new_tokens=20, temperature=0.0, eos_ids=eos, pad_id=eos)
-    tokens, valid = sampling.left_pad(prompt_ids, pad_id=eos)
+    tokens, valid = _left_pad(prompt_ids, pad_id=eos)
     ours = jax.device_get(
         sampling.generate(params, tokens, valid, jax.random.key(0), config, settings)
     )
