@@ -81,8 +81,32 @@ def tiny_teacher_dir(tmp_path_factory) -> pathlib.Path:
     )
     params = model.init_params(config, jax.random.key(0))
     params = jax.tree.map(lambda w: 4.0 * w if w.ndim >= 2 else w, params)
+    params["final_norm"] = 4.0 * params["final_norm"]  # entropy ~2 nats, not log(49152)
     directory = checkpoints.save_hf_dir(config, params, tmp_path_factory.mktemp("tiny_teacher"))
     tokenizer_lib.load("smollm2-135m-instruct").save_hf(directory)
+    return directory
+
+
+@pytest.fixture(scope="session")
+def tiny_student_dir(tiny_teacher_dir, tmp_path_factory) -> pathlib.Path:
+    """The tiny teacher with Gaussian noise of 0.2 x each weight matrix's spread: a student
+    a few nats of KL away whose error every context shares, so any sound objective can
+    repair some of it in a few steps."""
+    import jax
+    import numpy as np
+
+    from opd_jax import tokenizer as tokenizer_lib
+
+    config, params = checkpoints.load(tiny_teacher_dir)
+    keys = iter(jax.random.split(jax.random.key(1), len(jax.tree.leaves(params))))
+    noisy = jax.tree.map(
+        lambda w: (
+            w + 0.2 * np.std(w) * jax.random.normal(next(keys), w.shape) if w.ndim >= 2 else w
+        ),
+        params,
+    )
+    directory = checkpoints.save_hf_dir(config, noisy, tmp_path_factory.mktemp("tiny_student"))
+    tokenizer_lib.load(tiny_teacher_dir).save_hf(directory)
     return directory
 
 
