@@ -162,13 +162,12 @@ def write_results(
     workdir: str | os.PathLike,
     rows: Sequence[Mapping[str, Any]],
     samples: Mapping[str, Iterable[Sequence[str]]] | None = None,
-    columns: Sequence[str] | None = None,
 ) -> pathlib.Path:
     """Writes `results.md` (the table, then samples per model) and `results.json` (the rows);
     returns the markdown path."""
     workdir = pathlib.Path(workdir)
     workdir.mkdir(parents=True, exist_ok=True)
-    sections = ["# Results", results_table(rows, columns)]
+    sections = ["# Results", results_table(rows)]
     sections += [samples_markdown(name, triples) for name, triples in (samples or {}).items()]
     markdown = workdir / "results.md"
     markdown.write_text("\n\n".join(sections) + "\n", encoding="utf-8")
