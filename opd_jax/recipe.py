@@ -195,7 +195,7 @@ class RolloutSampling:
     top_p: float = 1.0
 
 
-# ----------------------------------------------------------------------------- models
+# ----------------------------------------------------------------------------- start-up
 
 
 @dataclasses.dataclass(frozen=True)
@@ -228,9 +228,6 @@ def load_models(models: Models) -> LoadedModels:
         teacher_config, teacher_params = checkpoints.load(models.teacher)
     distill.check_vocab(teacher_config, student_config)
     return LoadedModels(teacher_config, teacher_params, student_config, student_params, keep)
-
-
-# ----------------------------------------------------------------------------- checks
 
 
 def check_schedule(
@@ -284,7 +281,7 @@ def check_prompt_lengths(
             logging.warning("%s: the end of their input is cut", message)
 
 
-# ----------------------------------------------------------------------------- stages
+# ----------------------------------------------------------------------------- run
 
 
 @dataclasses.dataclass(frozen=True)
@@ -372,12 +369,11 @@ class Run:
         if key in self.evals:
             return self.evals[key]
         name, split, *step = key.split("/")
-        settings = self.sampler()
 
         def generate(prompt_BxP: np.ndarray, valid_BxP: np.ndarray) -> list[str]:
             rng = jax.random.key(0)
             samples = sampling.generate(
-                params, prompt_BxP, valid_BxP, rng, model_config, settings, self.placement
+                params, prompt_BxP, valid_BxP, rng, model_config, self.sampler(), self.placement
             )
             samples = mesh.to_host(samples)
             return self.decode(samples.tokens_BxN, samples.lengths_B)
@@ -394,9 +390,6 @@ class Run:
             scalars = {f"eval/{name}_{k}": v for k, v in result.metrics.items()}
             self.writer.write(int(step[0]), scalars)
         return self.evals[key]
-
-
-# ----------------------------------------------------------------------------- run
 
 
 def run(workdir: str | pathlib.Path, title: str) -> list[dict[str, Any]]:
