@@ -194,13 +194,6 @@ def encode_prompt(
     return head_ids + tokenizer.encode(example["input"], add_bos=False)[:budget] + tail_ids
 
 
-def encode_target(text: str, tokenizer: Tokenizer, max_len: int) -> list[int]:
-    """Target ids cut to max_len; EOS is appended only when it fits, so a missing EOS marks
-    a truncated target."""
-    ids = tokenizer.encode(text, add_bos=False)[:max_len]
-    return ids + [tokenizer.eos_id] if len(ids) < max_len else ids
-
-
 def count_cut_prompts(
     split: Split, template: PromptTemplate, tokenizer: Tokenizer, max_len: int, sample: int = 256
 ) -> tuple[int, int, int]:
@@ -267,7 +260,9 @@ def make_batch(
     target_valid_BxN = np.zeros((size, n_len), bool)
     for b, example in enumerate(examples):
         prompt = encode_prompt(example, spec.template, tokenizer, p_len)
-        target = encode_target(example["target"], tokenizer, n_len)
+        target = tokenizer.encode(example["target"], add_bos=False)[:n_len]
+        if len(target) < n_len:  # EOS only where it fits: a missing EOS marks a cut target
+            target.append(tokenizer.eos_id)
         prompt_BxP[b, p_len - len(prompt) :] = prompt
         prompt_valid_BxP[b, p_len - len(prompt) :] = True
         target_BxN[b, : len(target)] = target
