@@ -69,9 +69,7 @@ def apply_gin(gin_files: Sequence[str], gin_params: Sequence[str]) -> None:
 
 
 def parse(
-    description: str,
-    argv: Sequence[str] | None = None,
-    default_gin_files: Sequence[str] = (),
+    description: str, argv: Sequence[str] | None = None, default_gin_files: Sequence[str] = ()
 ) -> argparse.Namespace:
     """Parses the shared flags, applies gin (an entry point's own defaults first, then the
     user's files and bindings) and joins a multi-host run if asked to.

@@ -155,17 +155,12 @@ SOLVE_MATH = PromptTemplate(
 DEFAULT_TEMPLATES = {"aclsum": SUMMARIZE_PAPER, "gsm_symbolic": SOLVE_MATH}
 
 
-def build_messages(example: Mapping[str, Any], template: PromptTemplate) -> list[dict[str, str]]:
-    """The chat messages of one example's prompt."""
-    system = [{"role": "system", "content": template.system}] if template.system else []
-    return [*system, {"role": "user", "content": template.instruction.format_map(example)}]
-
-
 def render_prompt(
     example: Mapping[str, Any], template: PromptTemplate, tokenizer: Tokenizer
 ) -> str:
     """The prompt text, chat markup included, ending where the model's answer starts."""
-    messages = build_messages(example, template)
+    system = [{"role": "system", "content": template.system}] if template.system else []
+    messages = [*system, {"role": "user", "content": template.instruction.format_map(example)}]
     if template.chat:
         return tokenizer.apply_chat_template(messages, add_generation_prompt=True)
     return "\n\n".join(m["content"] for m in messages) + "\n\n"
@@ -199,13 +194,6 @@ def encode_prompt(
     return head_ids + tokenizer.encode(example["input"], add_bos=False)[:budget] + tail_ids
 
 
-def encode_target(text: str, tokenizer: Tokenizer, max_len: int) -> list[int]:
-    """Target ids cut to max_len; EOS is appended only when it fits, so a missing EOS marks
-    a truncated target."""
-    ids = tokenizer.encode(text, add_bos=False)[:max_len]
-    return ids + [tokenizer.eos_id] if len(ids) < max_len else ids
-
-
 def count_cut_prompts(
     split: Split, template: PromptTemplate, tokenizer: Tokenizer, max_len: int, sample: int = 256
 ) -> tuple[int, int, int]:
@@ -235,14 +223,11 @@ class BatchSpec:
 class Batch:
     """Left-padded prompts, right-padded targets, and the host-side examples for scoring."""
 
-    step: int
-    epoch: int  # of the batch's first example; a batch may run into the next epoch
     indices_B: np.ndarray
     prompt_BxP: np.ndarray
     prompt_valid_BxP: np.ndarray
     target_BxN: np.ndarray
     target_valid_BxN: np.ndarray
-    references: tuple[str, ...]
     examples: tuple[dict[str, Any], ...]
 
 
@@ -275,7 +260,9 @@ def make_batch(
     target_valid_BxN = np.zeros((size, n_len), bool)
     for b, example in enumerate(examples):
         prompt = encode_prompt(example, spec.template, tokenizer, p_len)
-        target = encode_target(example["target"], tokenizer, n_len)
+        target = tokenizer.encode(example["target"], add_bos=False)[:n_len]
+        if len(target) < n_len:  # EOS only where it fits: a missing EOS marks a cut target
+            target.append(tokenizer.eos_id)
         prompt_BxP[b, p_len - len(prompt) :] = prompt
         prompt_valid_BxP[b, p_len - len(prompt) :] = True
         target_BxN[b, : len(target)] = target
@@ -289,18 +276,13 @@ def batch_at(
     spec: BatchSpec,
     seed: int,
     step: int,
-    rows: slice | None = None,
+    rows: slice = slice(None),
 ) -> Batch:
     """The batch at `step`, a pure function of (split, spec, seed, step).
 
     `rows` keeps only those rows of it (a host of a multi-host run reads and tokenizes
     just its own share); row r is the same example whichever rows are asked for.
     """
-    indices_B = example_indices(step, spec.batch_size, len(split), seed, spec.shuffle)
-    if rows is not None:
-        indices_B = indices_B[rows]
+    indices_B = example_indices(step, spec.batch_size, len(split), seed, spec.shuffle)[rows]
     examples = tuple(split[int(i)] for i in indices_B)
-    arrays = make_batch(examples, tokenizer, spec)
-    epoch = step * spec.batch_size // len(split)
-    references = tuple(e["target"] for e in examples)
-    return Batch(step, epoch, indices_B, *arrays, references, examples)
+    return Batch(indices_B, *make_batch(examples, tokenizer, spec), examples)

@@ -104,11 +104,8 @@ class EvalResult:
 def padded_chunks(num_examples: int, batch_size: int) -> list[np.ndarray]:
     """Indices of each batch, in order; the last batch repeats its final index to full size
     (a real prompt, so the sampler never sees an all-padding row)."""
-    chunks = []
-    for start in range(0, num_examples, batch_size):
-        indices = np.arange(start, min(start + batch_size, num_examples))
-        chunks.append(np.pad(indices, (0, batch_size - len(indices)), mode="edge"))
-    return chunks
+    indices = np.pad(np.arange(num_examples), (0, -num_examples % batch_size), mode="edge")
+    return list(indices.reshape(-1, batch_size))
 
 
 def evaluate(
@@ -129,9 +126,8 @@ def evaluate(
     chosen = [examples[i] for i in range(num_examples)]
     predictions: list[str] = []
     for indices_B in padded_chunks(num_examples, spec.batch_size):
-        prompt_BxP, prompt_valid_BxP, _, _ = data.make_batch(
-            [chosen[i] for i in indices_B], tokenizer, spec
-        )
+        examples_B = [chosen[i] for i in indices_B]
+        prompt_BxP, prompt_valid_BxP, _, _ = data.make_batch(examples_B, tokenizer, spec)
         completions = list(generate_fn(prompt_BxP, prompt_valid_BxP))
         if len(completions) != spec.batch_size:
             raise ValueError(

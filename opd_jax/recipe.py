@@ -24,7 +24,7 @@ import json
 import logging
 import pathlib
 import sys
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping
 from typing import Any
 
 import gin
@@ -92,6 +92,17 @@ class Task:
             default = data.DEFAULT_TEMPLATES[base]
             return dataclasses.replace(default, system=self.system or default.system)
         return data.PromptTemplate(self.instruction, self.system)
+
+    def splits(self) -> dict[str, data.Split]:
+        """The "train", "eval" and "test" splits."""
+        named = {"train": self.train_split, "eval": self.eval_split, "test": self.test_split}
+        where = (self.data_dir, self.input_key, self.target_key)
+        return {name: data.load_split(self.dataset, split, *where) for name, split in named.items()}
+
+    def reward(self, text: str, example: Mapping[str, Any]) -> float:
+        """The primary metric of one completion, in [0, 1]."""
+        metric = evaluation.resolve_metric(self.metric)
+        return metric([text], [example])[self.primary_metric] / 100.0
 
 
 @gin.configurable
@@ -167,16 +178,11 @@ class Schedule:
                 f"Schedule.cut_prompts={self.cut_prompts!r} is not one of {CUT_POLICIES}"
             )
         for name in ("steps", "batch_size", "prompt_len", "completion_len", "eval_every"):
-            if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
-                raise config.ConfigError(
-                    f"Schedule.{name}={getattr(self, name)!r} must be an integer >= 1"
-                )
+            value = getattr(self, name)
+            if not isinstance(value, int) or value < 1:
+                raise config.ConfigError(f"Schedule.{name}={value!r} must be an integer >= 1")
         if self.checkpoint_every < 1:
             raise config.ConfigError("Schedule.checkpoint_every must be >= 1")
-
-    @property
-    def teacher_width(self) -> int:
-        return self.teacher_prompt_len or self.prompt_len
 
 
 @gin.configurable
@@ -188,21 +194,8 @@ class RolloutSampling:
     top_k: int = 0
     top_p: float = 1.0
 
-    def config(
-        self, max_new_tokens: int, tokenizer: tokenizer_lib.Tokenizer
-    ) -> sampling.SamplingConfig:
-        """The sampler's settings for rollouts of `max_new_tokens`."""
-        return sampling.SamplingConfig(
-            max_new_tokens=max_new_tokens,
-            temperature=self.temperature,
-            top_k=self.top_k,
-            top_p=self.top_p,
-            eos_ids=tokenizer.eos_id,
-            pad_id=tokenizer.pad_id,
-        )
 
-
-# ----------------------------------------------------------------------------- models
+# ----------------------------------------------------------------------------- start-up
 
 
 @dataclasses.dataclass(frozen=True)
@@ -237,199 +230,20 @@ def load_models(models: Models) -> LoadedModels:
     return LoadedModels(teacher_config, teacher_params, student_config, student_params, keep)
 
 
-def decode_completions(
-    tokenizer: tokenizer_lib.Tokenizer, tokens_BxN: np.ndarray, lengths_B: np.ndarray
-) -> list[str]:
-    return [
-        tokenizer.decode(row[:length].tolist()).strip()
-        for row, length in zip(tokens_BxN, lengths_B, strict=True)
-    ]
-
-
-def greedy_generate_fn(
-    params: Params,
-    model_config: ModelConfig,
-    tokenizer: tokenizer_lib.Tokenizer,
-    max_new_tokens: int,
-    placement: mesh.Placement | None = None,
-) -> evaluation.GenerateFn:
-    """Evaluation's generate_fn: greedy completions through the jitted sampler. Every
-    process passes the same prompts and gets every completion back."""
-    settings = sampling.SamplingConfig(
-        max_new_tokens=max_new_tokens,
-        temperature=0.0,
-        eos_ids=tokenizer.eos_id,
-        pad_id=tokenizer.pad_id,
-    )
-
-    def generate(prompt_BxP: np.ndarray, prompt_valid_BxP: np.ndarray) -> list[str]:
-        samples = sampling.generate(
-            params,
-            prompt_BxP,
-            prompt_valid_BxP,
-            jax.random.key(0),
-            model_config,
-            settings,
-            placement,
-        )
-        samples = mesh.to_host(samples)
-        return decode_completions(tokenizer, samples.tokens_BxN, samples.lengths_B)
-
-    return generate
-
-
-# ----------------------------------------------------------------------------- batches
-
-
-@dataclasses.dataclass(frozen=True)
-class Specs:
-    """How the student's and the teacher's prompts of each kind of batch are built."""
-
-    train: data.BatchSpec
-    teacher_train: data.BatchSpec
-    sft: data.BatchSpec
-    eval: data.BatchSpec
-    teacher_eval: data.BatchSpec
-
-
-def make_specs(
-    schedule: Schedule, student: data.PromptTemplate, teacher: data.PromptTemplate, group: int
-) -> Specs:
-    train = data.BatchSpec(
-        schedule.batch_size // group, schedule.prompt_len, schedule.completion_len, student
-    )
-    teacher_train = dataclasses.replace(train, prompt_len=schedule.teacher_width, template=teacher)
-    evaluated = lambda spec: dataclasses.replace(
-        spec, batch_size=schedule.eval_batch_size, shuffle=False
-    )
-    return Specs(
-        train=train,
-        teacher_train=teacher_train,
-        sft=dataclasses.replace(train, batch_size=schedule.batch_size),
-        eval=evaluated(train),
-        teacher_eval=evaluated(teacher_train),
-    )
-
-
-def sharded_batch(
-    split: data.Split,
-    tokenizer: tokenizer_lib.Tokenizer,
-    spec: data.BatchSpec,
-    seed: int,
-    step: int,
-    device_mesh: jax.sharding.Mesh,
-    repeat: int = 1,
-    teacher_spec: data.BatchSpec | None = None,
-) -> tuple[data.Batch, tuple[jax.Array, ...]]:
-    """The step's batch with each prompt repeated `repeat` times, as global arrays
-    (prompt, prompt_valid, target, target_mask[, teacher_prompt, teacher_prompt_valid]);
-    this process builds only its own rows, and the host-side `Batch` it returns holds
-    just those."""
-    global_rows = spec.batch_size * repeat
-    rows = mesh.process_rows(device_mesh, global_rows)
-    batch = data.batch_at(
-        split, tokenizer, spec, seed, step, slice(rows.start // repeat, rows.stop // repeat)
-    )
-    local = [
-        batch.prompt_BxP,
-        batch.prompt_valid_BxP,
-        batch.target_BxN,
-        batch.target_valid_BxN.astype(np.float32),
-    ]
-    if teacher_spec is not None:
-        local += data.make_batch(batch.examples, tokenizer, teacher_spec)[:2]
-    repeated = tuple(np.repeat(a, repeat, axis=0) for a in local)
-    return batch, mesh.global_batch(repeated, device_mesh, global_rows)
-
-
-# ----------------------------------------------------------------------------- stages
-
-
-def fine_tune(
-    name: str,
-    workdir: pathlib.Path,
-    params: Params,
-    model_config: ModelConfig,
-    split: data.Split,
-    tokenizer: tokenizer_lib.Tokenizer,
-    spec: data.BatchSpec,
-    steps: int,
-    learning_rate: float,
-    schedule: Schedule,
-    writer: reporting.MetricsWriter,
-    params_sharding: Any,
-    placement: mesh.Placement,
-) -> Params:
-    """Supervised fine-tuning on the targets; returns `params` unchanged for 0 steps. The
-    params (placed in `params_sharding`) keep their layout."""
-    if steps == 0:
-        return params
-    optim = train_state.OptimizerConfig(learning_rate=learning_rate, warmup_steps=min(5, steps))
-    optimizer = train_state.make_optimizer(optim, steps)
-    roles = update.Roles(model_config, model_config)
-    state = update.create_state(roles, params, optimizer, schedule.seed, params_sharding)
-    shardings = update.step_shardings(state, None, placement)
-    remat = distill.DistillConfig().remat
-    sft_step = distill.make_sft_step(model_config, optim.grad_accum, optimizer, shardings, remat)
-
-    def step_fn(state, step):
-        _, arrays = sharded_batch(split, tokenizer, spec, schedule.seed, step, placement.mesh)
-        return sft_step(state, None, train_state.DistillBatch(*arrays))
-
-    stage = loop.Stage(name, workdir / name, steps, schedule.checkpoint_every, model_config)
-    return loop.run(stage, state, step_fn, writer).params
-
-
-def reward_fn(task: Task) -> Callable[[str, Mapping[str, Any]], float]:
-    """The task's primary metric of one completion, in [0, 1]."""
-    metric = evaluation.resolve_metric(task.metric)
-    return lambda text, example: metric([text], [example])[task.primary_metric] / 100.0
-
-
-# ----------------------------------------------------------------------------- evaluation
-
-
-class EvalCache:
-    """Evaluation results kept in the workdir, so a resumed run does not redo them."""
-
-    def __init__(self, path: pathlib.Path) -> None:
-        self.path = path
-        self.results = json.loads(path.read_text()) if path.exists() else {}
-
-    def get(self, key: str, compute: Callable[[], evaluation.EvalResult]) -> dict[str, Any]:
-        if key not in self.results:
-            result = compute()
-            self.results[key] = {
-                "metrics": result.metrics,
-                "num_examples": result.num_examples,
-                "samples": [list(s) for s in result.samples],
-            }
-            if reporting.is_main_process():
-                self.path.write_text(json.dumps(self.results, indent=2))
-        return self.results[key]
-
-
-# ----------------------------------------------------------------------------- checks
-
-
 def check_schedule(
-    schedule: Schedule,
-    cfg: distill.DistillConfig,
-    optim: train_state.OptimizerConfig,
-    device_mesh: jax.sharding.Mesh,
+    schedule: Schedule, group: int, grad_accum: int, device_mesh: jax.sharding.Mesh
 ) -> None:
-    rl_on = cfg.rl_alpha < 1.0
-    per_prompt = schedule.rl_group_size if rl_on else 1
-    if schedule.batch_size % (per_prompt * optim.grad_accum):
+    """`group`: completions per prompt (the RL group, or 1)."""
+    if schedule.batch_size % (group * grad_accum):
         raise config.ConfigError(
             f"Schedule.batch_size={schedule.batch_size} must be a multiple of "
-            f"rl_group_size x grad_accum = {per_prompt} x {optim.grad_accum}"
+            f"rl_group_size x grad_accum = {group} x {grad_accum}"
         )
     shards = mesh.batch_shards(device_mesh)
-    if schedule.batch_size % (shards * per_prompt) or schedule.eval_batch_size % shards:
+    if schedule.batch_size % (shards * group) or schedule.eval_batch_size % shards:
         raise config.ConfigError(
             f"Schedule.batch_size={schedule.batch_size} must be a multiple of data x fsdp x "
-            f"rl_group_size = {shards} x {per_prompt}, and Schedule.eval_batch_size="
+            f"rl_group_size = {shards} x {group}, and Schedule.eval_batch_size="
             f"{schedule.eval_batch_size} of data x fsdp = {shards} "
             f"(mesh {dict(device_mesh.shape)})"
         )
@@ -441,14 +255,19 @@ class PromptCutError(config.ConfigError):
 
 def check_prompt_lengths(
     splits: Mapping[str, data.Split],
-    widths: Mapping[str, tuple[data.PromptTemplate, int, str]],
+    spec: data.BatchSpec,
+    teacher_spec: data.BatchSpec,
     tokenizer: tokenizer_lib.Tokenizer,
     policy: str,
 ) -> None:
     """One prompt-length policy for every prompt a run renders: a cut prompt loses the end
     of its input, harmless for a long document, fatal for a math question or a privileged
-    context. `widths`: who -> (template, width, gin name of the width)."""
-    for who, (template, width, setting) in widths.items():
+    context."""
+    widths = {"student": (spec, "Schedule.prompt_len")}
+    if teacher_spec != spec:  # another template or width
+        widths["teacher"] = (teacher_spec, "Schedule.teacher_prompt_len")
+    for who, (checked, setting) in widths.items():
+        template, width = checked.template, checked.prompt_len
         for name, split in splits.items():
             cut, looked_at, longest = data.count_cut_prompts(split, template, tokenizer, width)
             if not cut:
@@ -465,60 +284,150 @@ def check_prompt_lengths(
 # ----------------------------------------------------------------------------- run
 
 
+@dataclasses.dataclass(frozen=True)
+class Run:
+    """What the stages of one run share, built once its start-up checks have passed."""
+
+    workdir: pathlib.Path
+    task: Task
+    models: Models
+    schedule: Schedule
+    tokenizer: tokenizer_lib.Tokenizer
+    splits: Mapping[str, data.Split]
+    spec: data.BatchSpec  # how the student's prompts and targets are built
+    placement: mesh.Placement
+    writer: reporting.MetricsWriter
+    evals: dict[str, Any]  # evals.json, so a resumed run does not redo an evaluation
+
+    def decode(self, tokens_BxN: np.ndarray, lengths_B: np.ndarray) -> list[str]:
+        rows = zip(tokens_BxN, lengths_B, strict=True)
+        return [self.tokenizer.decode(row[:length].tolist()).strip() for row, length in rows]
+
+    def batch(
+        self, step: int, repeat: int = 1, teacher_spec: data.BatchSpec | None = None
+    ) -> tuple[data.Batch, tuple[jax.Array, ...]]:
+        """The step's training batch of Schedule.batch_size rows, each prompt repeated
+        `repeat` times, as global arrays (prompt, prompt_valid, target, target_mask[,
+        teacher_prompt, teacher_prompt_valid]); this process builds only its own rows, and
+        the host-side `Batch` it returns holds just those."""
+        global_rows = self.schedule.batch_size
+        spec = dataclasses.replace(self.spec, batch_size=global_rows // repeat)
+        rows = mesh.process_rows(self.placement.mesh, global_rows)
+        own = slice(rows.start // repeat, rows.stop // repeat)
+        batch = data.batch_at(
+            self.splits["train"], self.tokenizer, spec, self.schedule.seed, step, own
+        )
+        mask = batch.target_valid_BxN.astype(np.float32)
+        local = [batch.prompt_BxP, batch.prompt_valid_BxP, batch.target_BxN, mask]
+        if teacher_spec is not None:
+            local += data.make_batch(batch.examples, self.tokenizer, teacher_spec)[:2]
+        repeated = tuple(np.repeat(a, repeat, axis=0) for a in local)
+        return batch, mesh.global_batch(repeated, self.placement.mesh, global_rows)
+
+    def fine_tune(
+        self, stage: str, params: Params, model_config: ModelConfig, params_sharding: Any
+    ) -> Params:
+        """Supervised fine-tuning on the targets, for Models.<stage>_steps at
+        Models.<stage>_learning_rate; returns `params` unchanged for 0 steps. The params
+        (placed in `params_sharding`) keep their layout."""
+        steps = getattr(self.models, f"{stage}_steps")
+        if steps == 0:
+            return params
+        learning_rate = getattr(self.models, f"{stage}_learning_rate")
+        optim = train_state.OptimizerConfig(learning_rate=learning_rate, warmup_steps=min(5, steps))
+        optimizer = train_state.make_optimizer(optim, steps)
+        roles = update.Roles(model_config, model_config)
+        state = update.create_state(roles, params, optimizer, self.schedule.seed, params_sharding)
+        shardings = update.step_shardings(state, None, self.placement)
+        remat = distill.DistillConfig().remat
+        sft_step = distill.make_sft_step(
+            model_config, optim.grad_accum, optimizer, shardings, remat
+        )
+
+        def step_fn(state, step):
+            _, arrays = self.batch(step)
+            return sft_step(state, None, train_state.DistillBatch(*arrays))
+
+        every = self.schedule.checkpoint_every
+        stage_spec = loop.Stage(stage, self.workdir / stage, steps, every, model_config)
+        return loop.run(stage_spec, state, step_fn, self.writer).params
+
+    def sampler(self, **settings: Any) -> sampling.SamplingConfig:
+        """The sampler's settings for completions of Schedule.completion_len: greedy, as
+        evaluation is, unless `settings` (temperature, top_k, top_p) say otherwise."""
+        stops = {"eos_ids": self.tokenizer.eos_id, "pad_id": self.tokenizer.pad_id}
+        settings = {"temperature": 0.0, **settings, **stops}
+        return sampling.SamplingConfig(self.schedule.completion_len, **settings)
+
+    def score(
+        self, key: str, params: Params, model_config: ModelConfig, spec: data.BatchSpec
+    ) -> dict[str, Any]:
+        """Greedy evaluation of a model on `key` = "<model>/<split>[/<step>]", kept in
+        evals.json; a validation score is logged as eval/<model>_<metric> at its step when
+        first computed. Every process passes the same prompts to the jitted sampler and
+        gets every completion back."""
+        if key in self.evals:
+            return self.evals[key]
+        name, split, *step = key.split("/")
+
+        def generate(prompt_BxP: np.ndarray, valid_BxP: np.ndarray) -> list[str]:
+            rng = jax.random.key(0)
+            samples = sampling.generate(
+                params, prompt_BxP, valid_BxP, rng, model_config, self.sampler(), self.placement
+            )
+            samples = mesh.to_host(samples)
+            return self.decode(samples.tokens_BxN, samples.lengths_B)
+
+        limit = {"eval": self.schedule.eval_examples, "test": self.schedule.test_examples}
+        spec = dataclasses.replace(spec, batch_size=self.schedule.eval_batch_size, shuffle=False)
+        result = evaluation.evaluate(
+            generate, self.splits[split], self.tokenizer, spec, self.task.metric, limit[split]
+        )
+        self.evals[key] = json.loads(json.dumps(dataclasses.asdict(result)))  # as a resume reads it
+        if reporting.is_main_process():
+            (self.workdir / "evals.json").write_text(json.dumps(self.evals, indent=2))
+        if split == "eval":
+            scalars = {f"eval/{name}_{k}": v for k, v in result.metrics.items()}
+            self.writer.write(int(step[0]), scalars)
+        return self.evals[key]
+
+
 def run(workdir: str | pathlib.Path, title: str) -> list[dict[str, Any]]:
     """Runs (or resumes) the recipe configured by gin; returns the results rows."""
     workdir = pathlib.Path(workdir)
     task, models, schedule = Task(), Models(), Schedule()
-    cfg, mixture, rollout_sampling = (
-        distill.DistillConfig(),
-        gkd.MixtureConfig(),
-        RolloutSampling(),
-    )
+    cfg, mixture, rollout_sampling = distill.DistillConfig(), gkd.MixtureConfig(), RolloutSampling()
     context = opsd.PrivilegedContext()
     self_teacher = opsd.SelfTeacher() if models.teacher is None else None
     lora_cfg = lora.LoraConfig() if models.use_lora else None
-    device_mesh = mesh.make_mesh()
-    layout = mesh.Layout()
+    device_mesh, layout = mesh.make_mesh(), mesh.Layout()
     placement = layout.placement(device_mesh)
     optim = train_state.OptimizerConfig()
-    check_schedule(schedule, cfg, optim, device_mesh)
+    group = schedule.rl_group_size if cfg.rl_alpha < 1.0 else 1  # completions per prompt
+    check_schedule(schedule, group, optim.grad_accum, device_mesh)
     gkd.check_rollouts(cfg, rollout_sampling, mixture.on_policy_fraction)
 
     with mesh.main_process_first("inputs ready"):  # they may be built into a shared cache
         student_source = models.student or models.teacher
         tokenizer = tokenizer_lib.load(student_source)
         teacher_tokenizer = tokenizer_lib.load(models.teacher or student_source)
-        splits = {
-            name: data.load_split(
-                task.dataset, split, task.data_dir, task.input_key, task.target_key
-            )
-            for name, split in (
-                ("train", task.train_split),
-                ("eval", task.eval_split),
-                ("test", task.test_split),
-            )
-        }
+        splits = task.splits()
         loaded = load_models(models)
-    student_template = task.template()
-    teacher_template = opsd.teacher_template(student_template, context)
-    opsd.check_contexts(splits["train"][0], student_template, context, tokenizer, teacher_tokenizer)
-    widths = {"student": (student_template, schedule.prompt_len, "Schedule.prompt_len")}
-    if (teacher_template, schedule.teacher_width) != (student_template, schedule.prompt_len):
-        widths["teacher"] = (
-            teacher_template,
-            schedule.teacher_width,
-            "Schedule.teacher_prompt_len",
-        )
-    check_prompt_lengths(splits, widths, tokenizer, schedule.cut_prompts)
-    group = schedule.rl_group_size if cfg.rl_alpha < 1.0 else 1
-    specs = make_specs(schedule, student_template, teacher_template, group)
+    template = task.template()
+    opsd.check_contexts(splits["train"][0], template, context, tokenizer, teacher_tokenizer)
+    spec = data.BatchSpec(
+        schedule.batch_size, schedule.prompt_len, schedule.completion_len, template
+    )
+    teacher_width = schedule.teacher_prompt_len or schedule.prompt_len
+    teacher_template = opsd.teacher_template(template, context)
+    teacher_spec = dataclasses.replace(spec, prompt_len=teacher_width, template=teacher_template)
+    check_prompt_lengths(splits, spec, teacher_spec, tokenizer, schedule.cut_prompts)
 
     roles = update.Roles(loaded.student_config, loaded.teacher_config, self_teacher, lora_cfg)
     for model_config in (roles.teacher, roles.student):
         mesh.check_model_fits_mesh(model_config, device_mesh)
-    teacher_placement = layout.placement(device_mesh, "teacher")
     student_sharding = placement.params(roles.student)
-    teacher_sharding = teacher_placement.params(roles.teacher)
+    teacher_sharding = layout.placement(device_mesh, "teacher").params(roles.teacher)
     student_params = mesh.place_params(loaded.student_params, student_sharding)
     teacher_params = loaded.teacher_params
     if teacher_params is not None:
@@ -532,87 +441,25 @@ def run(workdir: str | pathlib.Path, title: str) -> list[dict[str, Any]]:
     mesh.barrier("workdir checked")  # nothing is written before every process checked
     if reporting.is_main_process():
         config.save_operative_config(workdir)
-        adapter = "full" if lora_cfg is None else "lora"
-        export.write_manifest(  # how `python -m opd_jax.export` rebuilds the student
-            workdir,
-            student_source,
-            [("student_sft", "full"), ("distill", adapter)],
-            layers=loaded.student_layers,
-            lora_config=lora_cfg,
+        # how `python -m opd_jax.export` rebuilds the student
+        stages = [("student_sft", "full"), ("distill", "full" if lora_cfg is None else "lora")]
+        export.write_manifest(
+            workdir, student_source, stages, layers=loaded.student_layers, lora_config=lora_cfg
         )
+    evals_file = workdir / "evals.json"
+    evals = json.loads(evals_file.read_text()) if evals_file.exists() else {}
     with reporting.MetricsWriter(workdir / "logs") as writer:
-        tune = lambda name, params, model_config, steps, learning_rate, shardings: fine_tune(
-            name,
-            workdir,
-            params,
-            model_config,
-            splits["train"],
-            tokenizer,
-            specs.sft,
-            steps,
-            learning_rate,
-            schedule,
-            writer,
-            shardings,
-            placement,
-        )
-        if teacher_params is not None:
-            teacher_params = tune(
-                "teacher_sft",
-                teacher_params,
-                roles.teacher,
-                models.teacher_sft_steps,
-                models.teacher_sft_learning_rate,
-                teacher_sharding,
-            )
-        student_params = tune(
-            "student_sft",
-            student_params,
-            roles.student,
-            models.student_sft_steps,
-            models.student_sft_learning_rate,
-            student_sharding,
-        )
+        r = Run(workdir, task, models, schedule, tokenizer, splits, spec, placement, writer, evals)
+        # A self-distilling student has no teacher params and no teacher_sft steps.
+        teacher_params = r.fine_tune("teacher_sft", teacher_params, roles.teacher, teacher_sharding)
+        student_params = r.fine_tune("student_sft", student_params, roles.student, student_sharding)
         frozen = update.frozen_arrays(roles, student_params, teacher_params)
-        evals = EvalCache(workdir / "evals.json")
-
-        def score(key, params, model_config, split, max_examples, spec, log_step=None):
-            """Cached evaluation; logged as eval/<model>_<metric> when first computed."""
-            fresh = key not in evals.results
-            generate = greedy_generate_fn(
-                params, model_config, tokenizer, schedule.completion_len, placement
-            )
-            result = evals.get(
-                key,
-                lambda: evaluation.evaluate(
-                    generate, splits[split], tokenizer, spec, task.metric, max_examples
-                ),
-            )
-            if fresh and log_step is not None:
-                name = key.split("/")[0]
-                writer.write(
-                    log_step, {f"eval/{name}_{k}": v for k, v in result["metrics"].items()}
-                )
-            return result
-
         teacher_weights = student_params if teacher_params is None else teacher_params
-        test, evaluate_on = schedule.test_examples, schedule.eval_examples
-        teacher_test = score(
-            "teacher/test", teacher_weights, roles.teacher, "test", test, specs.teacher_eval
-        )
-        start_test = score(
-            "student_start/test", student_params, roles.student, "test", test, specs.eval
-        )
-        score(
-            "teacher/eval/0",
-            teacher_weights,
-            roles.teacher,
-            "eval",
-            evaluate_on,
-            specs.teacher_eval,
-            0,
-        )
-        score("student/eval/0", student_params, roles.student, "eval", evaluate_on, specs.eval, 0)
+        teacher = (teacher_weights, roles.teacher, teacher_spec)
+        teacher_test = r.score("teacher/test", *teacher)
+        start_test = r.score("student_start/test", student_params, roles.student, spec)
+        r.score("teacher/eval/0", *teacher)
+        r.score("student/eval/0", student_params, roles.student, spec)
 
         optimizer = train_state.make_optimizer(optim, schedule.steps)
         state = update.create_state(
@@ -621,37 +468,25 @@ def run(workdir: str | pathlib.Path, title: str) -> list[dict[str, Any]]:
         frozen_sharding = jax.tree.map(lambda x: x.sharding, frozen)
         shardings = update.step_shardings(state, frozen_sharding, placement)
         update_step = update.make_update_step(roles, cfg, optimizer, shardings, optim.grad_accum)
-        sample_cfg = rollout_sampling.config(schedule.completion_len, tokenizer)
+        sample_cfg = r.sampler(**dataclasses.asdict(rollout_sampling))
         roll = update.make_rollout(roles, mixture, sample_cfg, shardings)
-        reward = reward_fn(task)
 
         def distill_step(state, step):
-            batch, arrays = sharded_batch(
-                splits["train"],
-                tokenizer,
-                specs.train,
-                schedule.seed,
-                step,
-                device_mesh,
-                group,
-                specs.teacher_train,
-            )
+            batch, arrays = r.batch(step, group, teacher_spec)
             distill_batch, on_B = roll(state, frozen, *arrays)
             extra = {"on_policy_fraction": jnp.mean(on_B.astype(jnp.float32))}
             if cfg.rl_alpha < 1.0:  # each process scores its own rows
                 tokens = mesh.local_rows(distill_batch.completion_BxN)
-                mask = mesh.local_rows(distill_batch.completion_mask_BxN)
-                texts = decode_completions(tokenizer, tokens, mask.sum(axis=1).astype(int))
+                lengths = mesh.local_rows(distill_batch.completion_mask_BxN).sum(axis=1)
+                texts = r.decode(tokens, lengths.astype(int))
                 examples = [e for e in batch.examples for _ in range(group)]
                 rewards = np.array(
-                    [reward(t, e) for t, e in zip(texts, examples, strict=True)], np.float32
+                    [task.reward(t, e) for t, e in zip(texts, examples, strict=True)], np.float32
                 )
-                advantages = gkd.group_advantages(rewards, group)
-                rows = schedule.batch_size
-                distill_batch = distill_batch.replace(
-                    advantage_B=mesh.global_batch(advantages, device_mesh, rows)
-                )
-                extra["reward"] = jnp.mean(mesh.global_batch(rewards, device_mesh, rows))
+                local = (rewards, gkd.group_advantages(rewards, group))
+                reward_B, advantage_B = mesh.global_batch(local, device_mesh, schedule.batch_size)
+                distill_batch = distill_batch.replace(advantage_B=advantage_B)
+                extra["reward"] = jnp.mean(reward_B)
             state, metrics = update_step(state, frozen, distill_batch)
             return state, {**metrics, **extra}
 
@@ -660,73 +495,47 @@ def run(workdir: str | pathlib.Path, title: str) -> list[dict[str, Any]]:
 
         def after_step(step, state):
             if step % schedule.eval_every == 0 or step == schedule.steps:
-                score(
-                    f"student/eval/{step}",
-                    student_of(state),
-                    roles.student,
-                    "eval",
-                    evaluate_on,
-                    specs.eval,
-                    step,
-                )
+                r.score(f"student/eval/{step}", student_of(state), roles.student, spec)
 
-        stage = loop.Stage(
-            "distill",
-            workdir / "distill",
-            schedule.steps,
-            schedule.checkpoint_every,
-            update.student_shape(roles),
-        )
+        shape, every = update.student_shape(roles), schedule.checkpoint_every
+        stage = loop.Stage("distill", workdir / "distill", schedule.steps, every, shape)
         state = loop.run(stage, state, distill_step, writer, after_step)
-        final_test = score(
-            f"student_distilled/test/{schedule.steps}",
-            student_of(state),
-            roles.student,
-            "test",
-            test,
-            specs.eval,
-        )
+        final_key = f"student_distilled/test/{schedule.steps}"
+        final_test = r.score(final_key, student_of(state), roles.student, spec)
 
     teacher_name = "teacher with privileged context" if context.text else "teacher"
-    rows = [
-        _row(teacher_name, roles.teacher, teacher_test),
-        _row("student before distillation", roles.student, start_test),
-        _row("student after distillation", roles.student, final_test),
-    ]
-    samples = {
-        row["model"]: result["samples"]
-        for row, result in zip(rows, (teacher_test, start_test, final_test), strict=True)
+    results = {
+        teacher_name: (roles.teacher.n_layers, teacher_test),
+        "student before distillation": (roles.student.n_layers, start_test),
+        "student after distillation": (roles.student.n_layers, final_test),
     }
-    keys = [f"eval/student_{task.primary_metric}", "distill/divergence"]
-    report(workdir, title, rows, samples, keys, final_test["num_examples"])
-    return rows
+    return report(workdir, title, results, task.primary_metric, final_test["num_examples"])
 
 
 def report(
     workdir: pathlib.Path,
     title: str,
-    rows: list[dict[str, Any]],
-    samples: Mapping[str, Any],
-    curve_keys: Sequence[str],
+    results: Mapping[str, tuple[int, Mapping[str, Any]]],
+    primary_metric: str,
     num_examples: int,
-) -> None:
-    """Results table (markdown + JSON), curves and the printed table, from process 0."""
+) -> list[dict[str, Any]]:
+    """The results rows from model -> (layers, test score). Process 0 also writes the
+    table (markdown + JSON) with samples and the curves, and prints the table."""
+    rows = [
+        {"model": name, "layers": layers, **{k: round(v, 2) for k, v in result["metrics"].items()}}
+        for name, (layers, result) in results.items()
+    ]
     if not reporting.is_main_process():
-        return
+        return rows
+    samples = {name: result["samples"] for name, (_, result) in results.items()}
     reporting.write_results(workdir, rows, samples)
     records = reporting.read_metrics(workdir / "logs" / reporting.METRICS_FILE)
-    reporting.plot_curves(records, curve_keys, workdir / "curves.png", title=title)
+    keys = [f"eval/student_{primary_metric}", "distill/divergence"]
+    reporting.plot_curves(records, keys, workdir / "curves.png", title=title)
     print(f"\n{title}: test set, {num_examples} examples\n")
     print(reporting.results_table(rows))
     print(f"\nresults, samples and curves in {workdir}")
-
-
-def _row(name: str, model_config: ModelConfig, result: Mapping[str, Any]) -> dict[str, Any]:
-    return {
-        "model": name,
-        "layers": model_config.n_layers,
-        **{k: round(v, 2) for k, v in result["metrics"].items()},
-    }
+    return rows
 
 
 def main(description: str, default_gin_file: pathlib.Path, default_workdir: str) -> None:

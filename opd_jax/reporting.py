@@ -38,16 +38,6 @@ def to_float(key: str, value: Any) -> float:
 # ----------------------------------------------------------------------------- metrics
 
 
-def _drop_partial_line(path: pathlib.Path) -> None:
-    """Cuts a line left unfinished by an interrupted run, so appending starts a fresh line."""
-    if not path.exists():
-        return
-    with path.open("rb+") as f:
-        content = f.read()
-        if content and not content.endswith(b"\n"):
-            f.truncate(content.rfind(b"\n") + 1)
-
-
 class MetricsWriter:
     """TensorBoard scalars plus `metrics.jsonl` in `logdir`, one JSON object per write.
 
@@ -61,8 +51,13 @@ class MetricsWriter:
         if not self.enabled:
             return
         self.logdir.mkdir(parents=True, exist_ok=True)
-        _drop_partial_line(self.logdir / METRICS_FILE)
-        self._jsonl = (self.logdir / METRICS_FILE).open("a", encoding="utf-8")
+        path = self.logdir / METRICS_FILE
+        with path.open("a+b") as f:  # a line left unfinished by an interrupted run is cut,
+            f.seek(0)  # so appending starts a fresh line
+            content = f.read()
+            if content and not content.endswith(b"\n"):
+                f.truncate(content.rfind(b"\n") + 1)
+        self._jsonl = path.open("a", encoding="utf-8")
         self._tensorboard = tensorboardX.SummaryWriter(str(self.logdir))
 
     def write(self, step: int, scalars: Mapping[str, Any]) -> None:
@@ -162,13 +157,12 @@ def write_results(
     workdir: str | os.PathLike,
     rows: Sequence[Mapping[str, Any]],
     samples: Mapping[str, Iterable[Sequence[str]]] | None = None,
-    columns: Sequence[str] | None = None,
 ) -> pathlib.Path:
     """Writes `results.md` (the table, then samples per model) and `results.json` (the rows);
     returns the markdown path."""
     workdir = pathlib.Path(workdir)
     workdir.mkdir(parents=True, exist_ok=True)
-    sections = ["# Results", results_table(rows, columns)]
+    sections = ["# Results", results_table(rows)]
     sections += [samples_markdown(name, triples) for name, triples in (samples or {}).items()]
     markdown = workdir / "results.md"
     markdown.write_text("\n\n".join(sections) + "\n", encoding="utf-8")
