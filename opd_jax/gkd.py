@@ -78,7 +78,7 @@ def check_rollouts(
             f"DistillConfig.rl_alpha={cfg.rl_alpha} scores the student's own samples, but "
             f"MixtureConfig.on_policy_fraction={on_policy_fraction} mixes in fixed rows: set it to 1"
         )
-    if not cfg.objective.sampled:
+    if not cfg.sampled:
         return
     needs = f"DistillConfig.estimator={cfg.estimator!r} needs rollouts from the student's whole distribution"
     if on_policy_fraction < 1.0:
