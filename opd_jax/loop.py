@@ -59,23 +59,16 @@ def manager(directory: str | pathlib.Path, max_to_keep: int = 2) -> ocp.Checkpoi
         max_to_keep=max_to_keep, create=True, enable_async_checkpointing=False
     )
     return ocp.CheckpointManager(
-        pathlib.Path(directory).absolute(),
-        options=options,
-        item_names=(STATE_ITEM, _FINGERPRINT),
+        pathlib.Path(directory).absolute(), options=options, item_names=(STATE_ITEM, _FINGERPRINT)
     )
 
 
 def save(mngr: ocp.CheckpointManager, step: int, state: Any, config: Architecture) -> None:
-    mngr.save(
-        step,
-        args=ocp.args.Composite(
-            **{
-                STATE_ITEM: ocp.args.StandardSave(state),
-                _FINGERPRINT: ocp.args.JsonSave(fingerprint(config)),
-            }
-        ),
-        force=True,
-    )
+    items = {
+        STATE_ITEM: ocp.args.StandardSave(state),
+        _FINGERPRINT: ocp.args.JsonSave(fingerprint(config)),
+    }
+    mngr.save(step, args=ocp.args.Composite(**items), force=True)
     mngr.wait_until_finished()
 
 
@@ -109,13 +102,11 @@ def restore_latest(
     structure, dtypes and placement to restore into.
     """
     steps = sorted(mngr.all_steps(), reverse=True)
+    args = ocp.args.Composite(**{STATE_ITEM: ocp.args.StandardRestore(abstract_state)})
     for step in steps:
         _check_fingerprint(mngr, step, config)
         try:
-            restored = mngr.restore(
-                step,
-                args=ocp.args.Composite(**{STATE_ITEM: ocp.args.StandardRestore(abstract_state)}),
-            )
+            restored = mngr.restore(step, args=args)
         except Exception as err:  # a damaged step: fall back to the one before it
             logging.warning(
                 "checkpoint step %d in %s is unreadable (%s)", step, mngr.directory, err

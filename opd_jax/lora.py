@@ -57,10 +57,8 @@ def init(base: Params, cfg: LoraConfig, key: jax.Array) -> Params:
         w = base["layers"][target]
         n_in, n_out = _in_out(w.shape, target)
         a = jax.random.normal(k, (w.shape[0], n_in, cfg.rank), jnp.float32) / math.sqrt(n_in)
-        adapters[target] = {
-            "a": a.astype(w.dtype),
-            "b": jnp.zeros((w.shape[0], cfg.rank, n_out), w.dtype),
-        }
+        b = jnp.zeros((w.shape[0], cfg.rank, n_out), w.dtype)
+        adapters[target] = {"a": a.astype(w.dtype), "b": b}
     return {"layers": adapters}
 
 

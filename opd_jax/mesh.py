@@ -313,9 +313,9 @@ def initialize_distributed(
     """
     if coordinator_address is None and not auto_detect:
         return
-    if coordinator_address is not None and process_id not in (None, 0):
-        _wait_for_coordinator(coordinator_address, timeout_s, process_id, num_processes)
     try:
+        if coordinator_address is not None and process_id not in (None, 0):
+            _wait_for_coordinator(coordinator_address, timeout_s)
         jax.distributed.initialize(
             coordinator_address=coordinator_address,
             num_processes=num_processes,
@@ -331,9 +331,7 @@ def initialize_distributed(
         ) from None
 
 
-def _wait_for_coordinator(
-    address: str, timeout_s: float, process_id: int | None, num_processes: int | None
-) -> None:
+def _wait_for_coordinator(address: str, timeout_s: float) -> None:
     """Returns once a TCP connection to `address` succeeds; raises after `timeout_s`."""
     host, _, port = address.rpartition(":")
     deadline = time.monotonic() + timeout_s
@@ -343,10 +341,8 @@ def _wait_for_coordinator(
                 return
         except (OSError, ValueError) as err:
             if time.monotonic() >= deadline:
-                raise DistributedInitError(
-                    f"could not join the JAX distributed runtime at {address} within "
-                    f"{timeout_s}s (process {process_id} of {num_processes}): the coordinator "
-                    f"did not answer ({err}); is process 0 running and is the address "
-                    "reachable from this host?"
+                raise TimeoutError(
+                    f"the coordinator did not answer ({err}); is process 0 running and is the "
+                    "address reachable from this host?"
                 ) from None
             time.sleep(0.2)

@@ -213,12 +213,7 @@ def progress(
     """A step progress bar that a resumed run starts at `initial`. Show live numbers with
     `bar.set_postfix(loss=f"{loss:.4f}", step_s=f"{seconds:.2f}", refresh=False)` and then
     `bar.update()` each step. Disabled (prints nothing) off process 0 by default."""
-    enabled = is_main_process() if enabled is None else enabled
+    disable = not (is_main_process() if enabled is None else enabled)
     return tqdm.tqdm(
-        total=total,
-        initial=initial,
-        desc=desc,
-        unit="step",
-        dynamic_ncols=True,
-        disable=not enabled,
+        total=total, initial=initial, desc=desc, unit="step", dynamic_ncols=True, disable=disable
     )

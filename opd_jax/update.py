@@ -119,11 +119,7 @@ def state_shardings(
     )
     ema = None if abstract_state.ema_params is None else params_sharding
     return TrainState(
-        step=replicated,
-        params=params_sharding,
-        opt_state=opt_state,
-        rng=replicated,
-        ema_params=ema,
+        step=replicated, params=params_sharding, opt_state=opt_state, rng=replicated, ema_params=ema
     )
 
 
@@ -151,11 +147,8 @@ def step_shardings(
     state: TrainState, frozen_sharding: Any, placement: mesh.Placement
 ) -> mesh.StepShardings:
     """The shardings the jitted steps take, read off a placed state."""
-    return mesh.StepShardings(
-        state=jax.tree.map(lambda x: x.sharding, state),
-        frozen=frozen_sharding,
-        placement=placement,
-    )
+    state_sharding = jax.tree.map(lambda x: x.sharding, state)
+    return mesh.StepShardings(state_sharding, frozen_sharding, placement)
 
 
 # ----------------------------------------------------------------------------- steps
@@ -234,24 +227,17 @@ def make_rollout(
                 f"target width {N} != max_new_tokens {sampling_cfg.max_new_tokens}: on- and "
                 "off-policy completions must have one shape"
             )
-        student = lambda key: sampling.sample(
-            student_weights(roles, state.params, frozen),
-            prompt_BxP,
-            prompt_valid_BxP,
-            key,
-            roles.student,
-            sampling_cfg,
-            placement,
-        )
-        teacher = lambda key: sampling.sample(
-            teacher_weights(roles, state, frozen),
-            teacher_BxQ,
-            teacher_valid_BxQ,
-            key,
-            roles.teacher,
-            sampling_cfg,
-            placement,
-        )
+
+        # Weights are resolved inside the branch that samples with them, not before it.
+        def sampler(weights, prompt, valid, model_config):
+            return lambda key: sampling.sample(
+                weights(), prompt, valid, key, model_config, sampling_cfg, placement
+            )
+
+        student_params = lambda: student_weights(roles, state.params, frozen)
+        student = sampler(student_params, prompt_BxP, prompt_valid_BxP, roles.student)
+        teacher_params = lambda: teacher_weights(roles, state, frozen)
+        teacher = sampler(teacher_params, teacher_BxQ, teacher_valid_BxQ, roles.teacher)
         completions, on_B = gkd.mixture_completions(
             mixture, train_state.step_key(state), student, teacher, target_BxN, target_valid_BxN
         )
