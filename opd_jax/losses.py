@@ -34,7 +34,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
-from opd_jax import mesh
+from opd_jax import diagnostics, mesh
 
 DIVERGENCES = ("forward_kl", "reverse_kl", "jsd")
 ESTIMATORS = ("full", "teacher_topk", "student_topk", "pg", "k1", "k3")
@@ -378,6 +378,7 @@ def _chunk_statistics(
     student_logits_BxCxV: jax.Array,
     tokens_BxC: jax.Array,
     objective: Objective,
+    diagnostic_k: int,
 ) -> dict[str, jax.Array]:
     tau, kind = objective.temperature, objective.kind
     logp_BxCxV = log_probs(teacher_logits_BxCxV, tau)
@@ -403,6 +404,9 @@ def _chunk_statistics(
     elif objective.estimator == "student_topk":
         k, form = objective.top_k, objective.topk_form
         stats["estimate"] = student_topk_reverse_kl(logp_BxCxV, logq_BxCxV, k, form)
+    if diagnostic_k:
+        k = min(diagnostic_k, logp_BxCxV.shape[-1])
+        stats |= diagnostics.topk_overlap(logp_BxCxV, logq_BxCxV, tokens_BxC, k)
     return stats
 
 
@@ -417,6 +421,7 @@ def token_statistics(
     valid_BxT: jax.Array | None = None,
     chunk_size: int = 128,
     logits_sharding: Any = None,
+    diagnostic_k: int = 0,
 ) -> dict[str, jax.Array]:
     """Everything one distillation step needs per position, [B, T] each, in one chunked pass.
 
@@ -427,6 +432,7 @@ def token_statistics(
     temperature, plus "student_raw_logprob" (temperature 1, what the sampler records as
     its raw log-prob). Sampled estimators need `sampler_logprob_BxT`, the log-prob under
     the distribution that drew each token; `valid_BxT` marks the real tokens.
+    `diagnostic_k` > 0 adds `diagnostics.topk_overlap` of the two sides' top-k sets.
     Teacher and student may have different widths (D, E) but share the vocabulary V.
 
     The sequence is cut into chunks of `chunk_size` positions (all rows at once, so a
@@ -451,7 +457,7 @@ def token_statistics(
     def chunk_statistics(teacher_head, student_head, teacher_hidden, student_hidden, tokens):
         teacher_logits = _logits(teacher_hidden, teacher_head, logits_sharding)
         student_logits = _logits(student_hidden, student_head, logits_sharding)
-        return _chunk_statistics(teacher_logits, student_logits, tokens, objective)
+        return _chunk_statistics(teacher_logits, student_logits, tokens, objective, diagnostic_k)
 
     if chunk_size == 0:
         stats = chunk_statistics(*heads, *per_position)

@@ -184,7 +184,12 @@ def make_update(loss_shares: LossShares, grad_accum: int, optimizer: optax.Gradi
 
         (grads, metrics), _ = jax.lax.scan(accumulate, zeros, micro_batches)
 
-        metrics = dict(metrics)
+        # A metric given as (sum, count) is a mean over a subset: divided once summed.
+        is_pair = lambda v: isinstance(v, tuple)
+        metrics = {
+            name: value[0] / jnp.maximum(value[1], 1.0) if is_pair(value) else value
+            for name, value in metrics.items()
+        }
         metrics["num_tokens"] = counts.tokens
         metrics["grad_norm"] = optax.global_norm(grads)
         finite = jnp.isfinite(metrics["loss"]) & jnp.isfinite(metrics["grad_norm"])

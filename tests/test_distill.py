@@ -473,3 +473,27 @@ def test_step_key_depends_only_on_seed_and_step():
     np.testing.assert_array_equal(key_data(a), key_data(b))
     later = a.replace(step=a.step + 1)
     assert not np.array_equal(key_data(a), key_data(later))
+
+
+def test_diagnostics_of_a_student_equal_to_its_teacher():
+    """A student with the teacher's weights: the top-k sets coincide (ratio 1, equal mass
+    on each side), the entropy gap, every third's divergence and the sampled tokens'
+    reward are zero; all are logged by the update."""
+    optimizer = optax.sgd(0.0)
+    teacher = _teacher()
+    state = train_state.init_train_state(teacher, optimizer, 0)
+    update = gkd_update(TEACHER, TEACHER, distill.DistillConfig(diagnostic_top_k=4), optimizer)
+    rollout = gkd_rollout(TEACHER, TEACHER, gkd.MixtureConfig(1.0), sampling.SamplingConfig(5))
+    prompts = _batch(4, seed=2)
+    targets = (prompts.completion_BxN, prompts.completion_mask_BxN > 0)
+    batch, _ = rollout(state, teacher, prompts.prompt_BxP, prompts.prompt_valid_BxP, *targets)
+    _, metrics = update(state, teacher, batch)
+    assert float(metrics["overlap_ratio"]) == 1.0
+    # One forward per side over the same weights: equal up to float32 rounding (~1e-7).
+    np.testing.assert_allclose(
+        metrics["overlap_mass_teacher"], metrics["overlap_mass_student"], rtol=1e-5
+    )
+    for name in ("entropy_gap", "reward_on_overlap", "reward_off_overlap") + tuple(
+        f"divergence_{third}_third" for third in ("first", "middle", "last")
+    ):
+        np.testing.assert_allclose(metrics[name], 0.0, atol=1e-5, err_msg=name)
