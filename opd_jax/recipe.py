@@ -22,9 +22,10 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
+import os
 import pathlib
 import sys
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import gin
@@ -39,6 +40,7 @@ from opd_jax import (
     distill,
     evaluation,
     export,
+    fixes,
     gkd,
     loop,
     lora,
@@ -156,6 +158,9 @@ class Schedule:
       test_examples: test examples in the final table (None: all).
     rl_group_size: completions per prompt when a task reward is combined
       (DistillConfig.rl_alpha < 1).
+    seed: the seed of every stage's batch order and sampling; distill_seed, when set,
+      replaces it for the distillation stage alone, so runs that differ only in it
+      share their fine-tuned starting point (`experiments.study` varies it).
     """
 
     steps: int = 40
@@ -171,6 +176,7 @@ class Schedule:
     eval_batch_size: int = 8
     rl_group_size: int = 1
     seed: int = 0
+    distill_seed: int | None = None
 
     def __post_init__(self):
         if self.cut_prompts not in CUT_POLICIES:
@@ -183,6 +189,11 @@ class Schedule:
                 raise config.ConfigError(f"Schedule.{name}={value!r} must be an integer >= 1")
         if self.checkpoint_every < 1:
             raise config.ConfigError("Schedule.checkpoint_every must be >= 1")
+
+    def seed_of(self, stage: str) -> int:
+        if stage == "distill" and self.distill_seed is not None:
+            return self.distill_seed
+        return self.seed
 
 
 @gin.configurable
@@ -283,73 +294,152 @@ def check_prompt_lengths(
 
 # ----------------------------------------------------------------------------- run
 
+# Schedule fields only the distillation stage reads: runs that differ in them alone share
+# the stages before it (and those stages' evaluations).
+DISTILL_ONLY_SCHEDULE = (
+    "steps",
+    "checkpoint_every",
+    "eval_every",
+    "distill_seed",
+    "rl_group_size",
+    "cut_prompts",
+)
+PREFIX_FILE = "prefix.json"
+# Evaluations of models the stages before distillation define, kept beside those stages.
+PREFIX_MODELS = ("teacher", "student_start")
+
+
+def prefix_bindings() -> dict[str, Any]:
+    """What the stages before distillation and their evaluations depend on, read from gin
+    as {"Class.field": value}: runs with equal bindings can share those stages."""
+    configs = [Task(), Models(), Schedule(), opsd.PrivilegedContext(), fixes.ColdStart()]
+    selection = fixes.PromptSelection()
+    configs.append(selection)
+    if selection.candidates:  # scored on the student's rollouts by the top-k overlap
+        configs.append(RolloutSampling())
+    bindings = {
+        f"{type(cfg).__name__}.{field.name}": getattr(cfg, field.name)
+        for cfg in configs
+        for field in dataclasses.fields(cfg)
+        if not (isinstance(cfg, Schedule) and field.name in DISTILL_ONLY_SCHEDULE)
+    }
+    if selection.candidates:
+        bindings["DistillConfig.diagnostic_top_k"] = distill.DistillConfig().diagnostic_top_k
+    return json.loads(json.dumps(bindings, default=str))
+
+
+def check_prefix(prefix_dir: pathlib.Path, bindings: Mapping[str, Any]) -> None:
+    """Refuses a directory whose earlier stages were run with other settings, naming the
+    first binding that differs; records the settings in a fresh one."""
+    path = prefix_dir / PREFIX_FILE
+    if path.exists():
+        saved = json.loads(path.read_text())
+        for name in sorted(set(saved) | set(bindings)):
+            if saved.get(name) != bindings.get(name):
+                raise config.ConfigError(
+                    f"{prefix_dir} holds stages run with {name}={saved.get(name)!r}, not "
+                    f"{bindings.get(name)!r}; use another --workdir or remove it"
+                )
+    elif reporting.is_main_process():
+        prefix_dir.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(bindings, indent=2, sort_keys=True))
+
+
+def read_evals(directory: pathlib.Path) -> dict[str, Any]:
+    path = directory / "evals.json"
+    return json.loads(path.read_text()) if path.exists() else {}
+
+
+BatchFn = Callable[[train_state.TrainState, int], train_state.DistillBatch]
+
 
 @dataclasses.dataclass(frozen=True)
 class Run:
-    """What the stages of one run share, built once its start-up checks have passed."""
+    """What the stages of one run share, built once its start-up checks have passed.
+
+    The stages before distillation, and the evaluations of the models they make, live in
+    `prefix_dir`: the workdir itself, or a directory several runs share (`experiments.study`).
+    """
 
     workdir: pathlib.Path
+    prefix_dir: pathlib.Path
     task: Task
     models: Models
     schedule: Schedule
     tokenizer: tokenizer_lib.Tokenizer
     splits: Mapping[str, data.Split]
     spec: data.BatchSpec  # how the student's prompts and targets are built
+    teacher_spec: data.BatchSpec  # and the teacher's (possibly privileged) contexts
     placement: mesh.Placement
     writer: reporting.MetricsWriter
-    evals: dict[str, Any]  # evals.json, so a resumed run does not redo an evaluation
+    # evals.json of each directory, so a resumed run does not redo an evaluation
+    evals: Mapping[pathlib.Path, dict[str, Any]]
 
     def decode(self, tokens_BxN: np.ndarray, lengths_B: np.ndarray) -> list[str]:
         rows = zip(tokens_BxN, lengths_B, strict=True)
         return [self.tokenizer.decode(row[:length].tolist()).strip() for row, length in rows]
 
     def batch(
-        self, step: int, repeat: int = 1, teacher_spec: data.BatchSpec | None = None
+        self, step: int, seed: int, repeat: int = 1
     ) -> tuple[data.Batch, tuple[jax.Array, ...]]:
         """The step's training batch of Schedule.batch_size rows, each prompt repeated
-        `repeat` times, as global arrays (prompt, prompt_valid, target, target_mask[,
-        teacher_prompt, teacher_prompt_valid]); this process builds only its own rows, and
+        `repeat` times, as global arrays (prompt, prompt_valid, target, target_mask,
+        teacher_prompt, teacher_prompt_valid); this process builds only its own rows, and
         the host-side `Batch` it returns holds just those."""
         global_rows = self.schedule.batch_size
         spec = dataclasses.replace(self.spec, batch_size=global_rows // repeat)
         rows = mesh.process_rows(self.placement.mesh, global_rows)
         own = slice(rows.start // repeat, rows.stop // repeat)
-        batch = data.batch_at(
-            self.splits["train"], self.tokenizer, spec, self.schedule.seed, step, own
-        )
+        batch = data.batch_at(self.splits["train"], self.tokenizer, spec, seed, step, own)
         mask = batch.target_valid_BxN.astype(np.float32)
         local = [batch.prompt_BxP, batch.prompt_valid_BxP, batch.target_BxN, mask]
-        if teacher_spec is not None:
-            local += data.make_batch(batch.examples, self.tokenizer, teacher_spec)[:2]
+        local += data.make_batch(batch.examples, self.tokenizer, self.teacher_spec)[:2]
         repeated = tuple(np.repeat(a, repeat, axis=0) for a in local)
         return batch, mesh.global_batch(repeated, self.placement.mesh, global_rows)
 
+    def rewards(
+        self, completions: train_state.DistillBatch, examples: list[dict[str, Any]]
+    ) -> np.ndarray:
+        """The task score in [0, 1] of this process's rows of `completions`."""
+        tokens = mesh.local_rows(completions.completion_BxN)
+        lengths = mesh.local_rows(completions.completion_mask_BxN).sum(axis=1)
+        texts = self.decode(tokens, lengths.astype(int))
+        scored = zip(texts, examples, strict=True)
+        return np.array([self.task.reward(t, e) for t, e in scored], np.float32)
+
     def fine_tune(
-        self, stage: str, params: Params, model_config: ModelConfig, params_sharding: Any
+        self,
+        stage: str,
+        steps: int,
+        learning_rate: float,
+        params: Params,
+        model_config: ModelConfig,
+        params_sharding: Any,
+        completions: Callable[[mesh.StepShardings], BatchFn] | None = None,
     ) -> Params:
-        """Supervised fine-tuning on the targets, for Models.<stage>_steps at
-        Models.<stage>_learning_rate; returns `params` unchanged for 0 steps. The params
-        (placed in `params_sharding`) keep their layout."""
-        steps = getattr(self.models, f"{stage}_steps")
+        """Supervised fine-tuning for `steps` (a stage before distillation): on the targets,
+        or on what `completions(shardings)` makes per step; returns `params` unchanged for
+        0 steps. The params (placed in `params_sharding`) keep their layout."""
         if steps == 0:
             return params
-        learning_rate = getattr(self.models, f"{stage}_learning_rate")
         optim = train_state.OptimizerConfig(learning_rate=learning_rate, warmup_steps=min(5, steps))
         optimizer = train_state.make_optimizer(optim, steps)
         roles = update.Roles(model_config, model_config)
-        state = update.create_state(roles, params, optimizer, self.schedule.seed, params_sharding)
+        seed = self.schedule.seed_of(stage)
+        state = update.create_state(roles, params, optimizer, seed, params_sharding)
         shardings = update.step_shardings(state, None, self.placement)
         remat = distill.DistillConfig().remat
         sft_step = distill.make_sft_step(
             model_config, optim.grad_accum, optimizer, shardings, remat
         )
 
-        def step_fn(state, step):
-            _, arrays = self.batch(step)
-            return sft_step(state, None, train_state.DistillBatch(*arrays))
+        def targets(state, step):
+            return train_state.DistillBatch(*self.batch(step, seed)[1][:4])
 
+        batch_of = targets if completions is None else completions(shardings)
+        step_fn = lambda state, step: sft_step(state, None, batch_of(state, step))
         every = self.schedule.checkpoint_every
-        stage_spec = loop.Stage(stage, self.workdir / stage, steps, every, model_config)
+        stage_spec = loop.Stage(stage, self.prefix_dir / stage, steps, every, model_config)
         return loop.run(stage_spec, state, step_fn, self.writer).params
 
     def sampler(self, **settings: Any) -> sampling.SamplingConfig:
@@ -362,14 +452,27 @@ class Run:
     def score(
         self, key: str, params: Params, model_config: ModelConfig, spec: data.BatchSpec
     ) -> dict[str, Any]:
-        """Greedy evaluation of a model on `key` = "<model>/<split>[/<step>]", kept in
-        evals.json; a validation score is logged as eval/<model>_<metric> at its step when
-        first computed. Every process passes the same prompts to the jitted sampler and
-        gets every completion back."""
-        if key in self.evals:
-            return self.evals[key]
+        """Greedy evaluation of a model on `key` = "<model>/<split>[/<step>]", kept in the
+        evals.json of the directory of the stage that made the model; a validation score
+        is logged as eval/<teacher|student>_<metric> at its step (0 if none). Every
+        process passes the same prompts to the jitted sampler and gets every completion
+        back."""
         name, split, *step = key.split("/")
+        directory = self.prefix_dir if name in PREFIX_MODELS else self.workdir
+        evals = self.evals[directory]
+        if key not in evals:
+            evals[key] = self._evaluate(split, params, model_config, spec)
+            if reporting.is_main_process():
+                (directory / "evals.json").write_text(json.dumps(evals, indent=2))
+        if split == "eval":
+            who = "teacher" if name == "teacher" else "student"
+            scalars = {f"eval/{who}_{k}": v for k, v in evals[key]["metrics"].items()}
+            self.writer.write(int(step[0]) if step else 0, scalars)
+        return evals[key]
 
+    def _evaluate(
+        self, split: str, params: Params, model_config: ModelConfig, spec: data.BatchSpec
+    ) -> dict[str, Any]:
         def generate(prompt_BxP: np.ndarray, valid_BxP: np.ndarray) -> list[str]:
             rng = jax.random.key(0)
             samples = sampling.generate(
@@ -383,20 +486,93 @@ class Run:
         result = evaluation.evaluate(
             generate, self.splits[split], self.tokenizer, spec, self.task.metric, limit[split]
         )
-        self.evals[key] = json.loads(json.dumps(dataclasses.asdict(result)))  # as a resume reads it
+        return json.loads(json.dumps(dataclasses.asdict(result)))  # as a resume reads it
+
+
+def cold_start_completions(
+    r: Run, cold: fixes.ColdStart, roles: update.Roles, frozen: update.Frozen
+) -> Callable[[mesh.StepShardings], BatchFn]:
+    """The cold start's batches: the teacher's samples of the step's prompts, in its own
+    context, the rows the task scorer rejects masked out. `frozen` holds the teacher."""
+    teacher_only = gkd.MixtureConfig(on_policy_fraction=0.0, fixed_source="teacher")
+    sample_cfg = r.sampler(temperature=cold.temperature)
+    frozen_sharding = jax.tree.map(lambda x: x.sharding, frozen)
+    seed = r.schedule.seed_of("cold_start")
+
+    def make(shardings: mesh.StepShardings) -> BatchFn:
+        shardings = dataclasses.replace(shardings, frozen=frozen_sharding)
+        roll = update.make_rollout(roles, teacher_only, sample_cfg, shardings)
+
+        def batch_of(state: train_state.TrainState, step: int) -> train_state.DistillBatch:
+            batch, arrays = r.batch(step, seed)
+            completions, _ = roll(state, frozen, *arrays)
+            if cold.min_reward is None:
+                return completions
+            keep_B = fixes.kept_rows(r.rewards(completions, list(batch.examples)), cold.min_reward)
+            (keep_B,) = mesh.global_batch(
+                (keep_B.astype(np.float32),), r.placement.mesh, r.schedule.batch_size
+            )
+            r.writer.write(step + 1, {"cold_start/kept_fraction": jnp.mean(keep_B)})
+            return completions.replace(
+                completion_mask_BxN=completions.completion_mask_BxN * keep_B[:, None]
+            )
+
+        return batch_of
+
+    return make
+
+
+def select_prompts(
+    r: Run,
+    selection: fixes.PromptSelection,
+    score: Callable[..., jax.Array],
+    roll: Callable[..., tuple[train_state.DistillBatch, jax.Array]],
+    state: train_state.TrainState,
+    frozen: update.Frozen,
+) -> data.Split:
+    """The training split distillation reads after teacher-aligned prompt selection:
+    the first `selection.candidates` prompts of the seeded training stream, scored by
+    `score` on the student's rollouts (`roll`), kept by `fixes.select_prompts`. The choice
+    is kept in the prefix directory's prompt_selection.json."""
+    path = r.prefix_dir / "prompt_selection.json"
+    train, seed, size = r.splits["train"], r.schedule.seed, r.schedule.batch_size
+    if path.exists():
+        chosen = json.loads(path.read_text())
+    else:
+        indices, scores = [], []
+        for step in range(-(-selection.candidates // size)):
+            indices += data.example_indices(step, size, len(train), seed).tolist()
+            rollouts, _ = roll(state, frozen, *r.batch(step, seed)[1])
+            scores += mesh.to_host(score(state, frozen, rollouts)).tolist()
+        scores = np.array(scores[: selection.candidates])
+        kept = fixes.select_prompts(scores, selection.keep_fraction, selection.rest_share, seed)
+        chosen = {
+            "candidates": indices[: selection.candidates],
+            "overlap_ratio": scores.tolist(),
+            "kept": kept.tolist(),  # positions in the candidates
+            "overlap_ratio_all": float(scores.mean()),
+            "overlap_ratio_kept": float(scores[kept].mean()),
+        }
         if reporting.is_main_process():
-            (self.workdir / "evals.json").write_text(json.dumps(self.evals, indent=2))
-        if split == "eval":
-            scalars = {f"eval/{name}_{k}": v for k, v in result.metrics.items()}
-            self.writer.write(int(step[0]), scalars)
-        return self.evals[key]
+            path.write_text(json.dumps(chosen, indent=2))
+    means = {
+        f"prompt_selection/{k}": chosen[k] for k in ("overlap_ratio_all", "overlap_ratio_kept")
+    }
+    r.writer.write(0, means)
+    kept_examples = [chosen["candidates"][i] for i in chosen["kept"]]
+    return dataclasses.replace(train, source=[train.source[i] for i in kept_examples])
 
 
-def run(workdir: str | pathlib.Path, title: str) -> list[dict[str, Any]]:
-    """Runs (or resumes) the recipe configured by gin; returns the results rows."""
+def run(
+    workdir: str | pathlib.Path, title: str, prefix_dir: str | pathlib.Path | None = None
+) -> list[dict[str, Any]]:
+    """Runs (or resumes) the recipe configured by gin; returns the results rows. The
+    stages before distillation go to `prefix_dir` (default: the workdir)."""
     workdir = pathlib.Path(workdir)
+    prefix_dir = workdir if prefix_dir is None else pathlib.Path(prefix_dir)
     task, models, schedule = Task(), Models(), Schedule()
     cfg, mixture, rollout_sampling = distill.DistillConfig(), gkd.MixtureConfig(), RolloutSampling()
+    cold, selection = fixes.ColdStart(), fixes.PromptSelection()
     context = opsd.PrivilegedContext()
     self_teacher = opsd.SelfTeacher() if models.teacher is None else None
     lora_cfg = lora.LoraConfig() if models.use_lora else None
@@ -432,57 +608,90 @@ def run(workdir: str | pathlib.Path, title: str) -> list[dict[str, Any]]:
     teacher_params = loaded.teacher_params
     if teacher_params is not None:
         teacher_params = mesh.place_params(teacher_params, teacher_sharding)
-    for stage, fingerprint in (
-        ("teacher_sft", roles.teacher),
-        ("student_sft", roles.student),
-        ("distill", update.student_shape(roles)),
+    check_prefix(prefix_dir, prefix_bindings())
+    for directory, stage, fingerprint in (
+        (prefix_dir, "teacher_sft", roles.teacher),
+        (prefix_dir, "student_sft", roles.student),
+        (prefix_dir, "cold_start", roles.student),
+        (workdir, "distill", update.student_shape(roles)),
     ):
-        loop.check_directory(workdir / stage, fingerprint)
+        loop.check_directory(directory / stage, fingerprint)
     mesh.barrier("workdir checked")  # nothing is written before every process checked
+    full_stages = [os.path.relpath(prefix_dir / s, workdir) for s in ("student_sft", "cold_start")]
     if reporting.is_main_process():
         config.save_operative_config(workdir)
         # how `python -m opd_jax.export` rebuilds the student
-        stages = [("student_sft", "full"), ("distill", "full" if lora_cfg is None else "lora")]
+        stages = [(s, "full") for s in full_stages]
+        stages.append(("distill", "full" if lora_cfg is None else "lora"))
         export.write_manifest(
             workdir, student_source, stages, layers=loaded.student_layers, lora_config=lora_cfg
         )
-    evals_file = workdir / "evals.json"
-    evals = json.loads(evals_file.read_text()) if evals_file.exists() else {}
+    evals = {directory: read_evals(directory) for directory in {workdir, prefix_dir}}
     with reporting.MetricsWriter(workdir / "logs") as writer:
-        r = Run(workdir, task, models, schedule, tokenizer, splits, spec, placement, writer, evals)
+        r = Run(
+            workdir, prefix_dir, task, models, schedule, tokenizer, splits, spec, teacher_spec,
+            placement, writer, evals,
+        )  # fmt: skip
         # A self-distilling student has no teacher params and no teacher_sft steps.
-        teacher_params = r.fine_tune("teacher_sft", teacher_params, roles.teacher, teacher_sharding)
-        student_params = r.fine_tune("student_sft", student_params, roles.student, student_sharding)
+        teacher_params = r.fine_tune(
+            "teacher_sft",
+            models.teacher_sft_steps,
+            models.teacher_sft_learning_rate,
+            teacher_params,
+            roles.teacher,
+            teacher_sharding,
+        )
+        student_params = r.fine_tune(
+            "student_sft",
+            models.student_sft_steps,
+            models.student_sft_learning_rate,
+            student_params,
+            roles.student,
+            student_sharding,
+        )
+        if cold.steps:  # the teacher is fixed while the student learns from its samples
+            teacher_of_cold = student_params if teacher_params is None else teacher_params
+            cold_roles = update.Roles(roles.student, roles.teacher)
+            cold_frozen = {"teacher": teacher_of_cold, "base": None}
+            student_params = r.fine_tune(
+                "cold_start",
+                cold.steps,
+                cold.learning_rate,
+                student_params,
+                roles.student,
+                student_sharding,
+                cold_start_completions(r, cold, cold_roles, cold_frozen),
+            )
         frozen = update.frozen_arrays(roles, student_params, teacher_params)
         teacher_weights = student_params if teacher_params is None else teacher_params
         teacher = (teacher_weights, roles.teacher, teacher_spec)
         teacher_test = r.score("teacher/test", *teacher)
         start_test = r.score("student_start/test", student_params, roles.student, spec)
-        r.score("teacher/eval/0", *teacher)
-        r.score("student/eval/0", student_params, roles.student, spec)
+        r.score("teacher/eval", *teacher)
+        r.score("student_start/eval", student_params, roles.student, spec)
 
         optimizer = train_state.make_optimizer(optim, schedule.steps)
-        state = update.create_state(
-            roles, student_params, optimizer, schedule.seed, student_sharding
-        )
+        seed = schedule.seed_of("distill")
+        state = update.create_state(roles, student_params, optimizer, seed, student_sharding)
         frozen_sharding = jax.tree.map(lambda x: x.sharding, frozen)
         shardings = update.step_shardings(state, frozen_sharding, placement)
         update_step = update.make_update_step(roles, cfg, optimizer, shardings, optim.grad_accum)
         sample_cfg = r.sampler(**dataclasses.asdict(rollout_sampling))
         roll = update.make_rollout(roles, mixture, sample_cfg, shardings)
+        if selection.candidates:
+            on_policy = gkd.MixtureConfig(on_policy_fraction=1.0)
+            student_roll = update.make_rollout(roles, on_policy, sample_cfg, shardings)
+            scorer = update.make_alignment_scorer(roles, cfg, shardings)
+            train = select_prompts(r, selection, scorer, student_roll, state, frozen)
+            r = dataclasses.replace(r, splits={**r.splits, "train": train})
 
         def distill_step(state, step):
-            batch, arrays = r.batch(step, group, teacher_spec)
+            batch, arrays = r.batch(step, seed, group)
             distill_batch, on_B = roll(state, frozen, *arrays)
             extra = {"on_policy_fraction": jnp.mean(on_B.astype(jnp.float32))}
             if cfg.rl_alpha < 1.0:  # each process scores its own rows
-                tokens = mesh.local_rows(distill_batch.completion_BxN)
-                lengths = mesh.local_rows(distill_batch.completion_mask_BxN).sum(axis=1)
-                texts = r.decode(tokens, lengths.astype(int))
                 examples = [e for e in batch.examples for _ in range(group)]
-                rewards = np.array(
-                    [task.reward(t, e) for t, e in zip(texts, examples, strict=True)], np.float32
-                )
+                rewards = r.rewards(distill_batch, examples)
                 local = (rewards, gkd.group_advantages(rewards, group))
                 reward_B, advantage_B = mesh.global_batch(local, device_mesh, schedule.batch_size)
                 distill_batch = distill_batch.replace(advantage_B=advantage_B)

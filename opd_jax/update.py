@@ -195,6 +195,37 @@ def make_update_step(
     return train_state.jit_update(update, shardings)
 
 
+def make_alignment_scorer(
+    roles: Roles, cfg: distill.DistillConfig, shardings: mesh.StepShardings | None = None
+):
+    """score(state, frozen, batch) -> [B], jitted: each completion's mean top-k overlap
+    ratio (`diagnostics.topk_overlap`, k = cfg.diagnostic_top_k) between the teacher's and
+    the student's next-token distributions, which teacher-aligned prompt selection ranks
+    prompts by. Without `shardings`, one device."""
+    if cfg.diagnostic_top_k < 1:
+        raise ValueError("scoring alignment needs DistillConfig.diagnostic_top_k >= 1")
+
+    def score(state: TrainState, frozen: Frozen, batch: DistillBatch) -> jax.Array:
+        terms = distill.per_token_terms(
+            student_weights(roles, state.params, frozen),
+            teacher_weights(roles, state, frozen),
+            batch,
+            roles.student,
+            roles.teacher,
+            cfg,
+            None if shardings is None else shardings.logits,
+        )
+        mask_BxN = batch.completion_mask_BxN.astype(jnp.float32)
+        return jnp.sum(terms["overlap_ratio"] * mask_BxN, 1) / jnp.maximum(mask_BxN.sum(1), 1.0)
+
+    if shardings is None:
+        return jax.jit(score)
+    rows = shardings.batch
+    return jax.jit(
+        score, in_shardings=(shardings.state, shardings.frozen, rows), out_shardings=rows
+    )
+
+
 def make_rollout(
     roles: Roles,
     mixture: gkd.MixtureConfig,

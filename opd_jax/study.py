@@ -1,0 +1,191 @@
+"""A study: one recipe run over a grid of settings and several seeds, compared in one table.
+
+Every arm x seed is a run of `recipe.run` in its own workdir (`<study>/<arm>/seed<k>`),
+resumable on its own; runs whose stages before distillation are configured alike (teacher
+and student fine-tuning, cold start, prompt selection: `recipe.prefix_bindings`) share one
+copy of them in `<study>/prefix-<hash>`, so a grid over distillation settings fine-tunes
+once. Seeds are `Schedule.distill_seed`: they vary the distillation stage's batch order and
+sampling from one shared start. All runs go through one process, so they also share its
+compiled programs.
+
+The study writes study.md / study.json (each arm's test metrics as mean ± standard
+deviation over seeds, the teacher and the student before distillation once per prefix)
+and study.png (the primary metric per arm, each seed a dot).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import itertools
+import json
+import pathlib
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import gin
+import numpy as np
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.figure import Figure
+
+from opd_jax import config, recipe, reporting
+
+AFTER = "student after distillation"
+
+
+@gin.configurable
+@dataclasses.dataclass(frozen=True)
+class Study:
+    """recipe: the experiment module (experiments/<recipe>.py) whose gin file configures
+    every run, before the study's own files and bindings. grid: {"Class.field": [values]};
+    every combination is an arm. seeds: the `Schedule.distill_seed` of each arm's runs."""
+
+    recipe: str = "gkd_arithmetic"
+    grid: Mapping[str, Sequence[Any]] = dataclasses.field(default_factory=dict)
+    seeds: Sequence[int] = (0, 1)
+
+    def __post_init__(self):
+        if not self.seeds:
+            raise config.ConfigError("Study.seeds: give at least one seed")
+        for name, values in self.grid.items():
+            if "." not in name or isinstance(values, str) or not len(values):
+                raise config.ConfigError(
+                    f"Study.grid[{name!r}]: want 'Class.field': [values], got {values!r}"
+                )
+
+    def arms(self) -> list[dict[str, Any]]:
+        """Each combination of the grid's values, as {"Class.field": value}."""
+        names = list(self.grid)
+        return [
+            dict(zip(names, values, strict=True))
+            for values in itertools.product(*self.grid.values())
+        ]
+
+
+def arm_name(arm: Mapping[str, Any]) -> str:
+    """A readable directory name: "field=value" pairs ("base" for an empty grid)."""
+    parts = [f"{name.split('.')[-1]}={value}" for name, value in arm.items()]
+    return ",".join(parts).replace("/", "_").replace(" ", "") or "base"
+
+
+def bindings_of(arm: Mapping[str, Any], seed: int) -> list[str]:
+    return [f"{name} = {value!r}" for name, value in arm.items()] + [
+        f"Schedule.distill_seed = {seed}"
+    ]
+
+
+def prefix_dir(root: pathlib.Path) -> pathlib.Path:
+    """The shared directory of the stages before distillation the current gin config
+    defines: named by a hash of `recipe.prefix_bindings`."""
+    text = json.dumps(recipe.prefix_bindings(), sort_keys=True)
+    return root / f"prefix-{hashlib.sha256(text.encode()).hexdigest()[:10]}"
+
+
+def run(
+    root: str | pathlib.Path,
+    study: Study,
+    gin_files: Sequence[str],
+    gin_params: Sequence[str],
+    title: str,
+) -> list[dict[str, Any]]:
+    """Runs (or resumes) every arm x seed and writes the comparison; returns its rows.
+    Each run is configured by `gin_files`, then `gin_params`, then the arm's bindings."""
+    root = pathlib.Path(root)
+    runs = []
+    for arm in study.arms():
+        for seed in study.seeds:
+            gin.clear_config()
+            config.apply_gin(gin_files, [*gin_params, *bindings_of(arm, seed)])
+            workdir, prefix = root / arm_name(arm) / f"seed{seed}", prefix_dir(root)
+            results = workdir / "results.json"
+            if results.exists():  # finished before: the study resumes after it
+                rows = json.loads(results.read_text())
+            else:
+                name = f"{title}: {arm_name(arm)} seed {seed}"
+                rows = recipe.run(workdir, title=name, prefix_dir=prefix)
+            runs.append({"arm": arm_name(arm), "seed": seed, "prefix": prefix.name, "rows": rows})
+    gin.clear_config()
+    metric = _primary_metric(gin_files, gin_params)
+    table = comparison(runs)
+    if reporting.is_main_process():
+        write(root, title, table, runs, metric)
+    return table
+
+
+def _primary_metric(gin_files: Sequence[str], gin_params: Sequence[str]) -> str:
+    config.apply_gin(gin_files, gin_params)
+    metric = recipe.Task().primary_metric
+    gin.clear_config()
+    return metric
+
+
+def _mean_spread(values: Sequence[float]) -> str:
+    values = np.asarray(values, np.float64)
+    spread = values.std(ddof=1) if len(values) > 1 else 0.0
+    return f"{values.mean():.2f} ± {spread:.2f}"
+
+
+def comparison(runs: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
+    """One row per shared starting point (teacher, student before) and one per arm (the
+    distilled student): each numeric metric as "mean ± sample standard deviation" over
+    the seeds, with the seed count."""
+    rows: list[dict[str, Any]] = []
+    for prefix in dict.fromkeys(r["prefix"] for r in runs):
+        first = next(r for r in runs if r["prefix"] == prefix)
+        for row in first["rows"]:
+            if row["model"] != AFTER:
+                rows.append({"arm": f"{row['model']} ({prefix})", "seeds": 1, **_metrics(row)})
+    for arm in dict.fromkeys(r["arm"] for r in runs):
+        finals = [_final(r["rows"]) for r in runs if r["arm"] == arm]
+        names = [name for name in _metrics(finals[0]) if name != "num_examples"]
+        cells = {name: _mean_spread([f[name] for f in finals]) for name in names}
+        rows.append({"arm": arm, "seeds": len(finals), **cells})
+    return rows
+
+
+def _metrics(row: Mapping[str, Any]) -> dict[str, Any]:
+    return {k: v for k, v in row.items() if k not in ("model", "layers")}
+
+
+def _final(rows: Sequence[Mapping[str, Any]]) -> Mapping[str, Any]:
+    return next(row for row in rows if row["model"] == AFTER)
+
+
+def write(
+    root: pathlib.Path,
+    title: str,
+    table: Sequence[Mapping[str, Any]],
+    runs: Sequence[Mapping[str, Any]],
+    metric: str,
+) -> None:
+    """study.md (the table), study.json (table and every run's rows) and study.png."""
+    root.mkdir(parents=True, exist_ok=True)
+    markdown = f"# {title}\n\nTest set; mean ± standard deviation over seeds.\n\n"
+    (root / "study.md").write_text(markdown + reporting.results_table(table) + "\n")
+    (root / "study.json").write_text(json.dumps({"table": table, "runs": list(runs)}, indent=2))
+    plot(runs, metric, root / "study.png", title)
+
+
+def plot(runs: Sequence[Mapping[str, Any]], metric: str, out_png: pathlib.Path, title: str) -> None:
+    """The distilled student's `metric` per arm (bar: mean; dots: seeds), with the
+    students before distillation as dashed lines."""
+    arms = list(dict.fromkeys(r["arm"] for r in runs))
+    fig = Figure(figsize=(1.5 + 1.2 * len(arms), 4), layout="constrained")
+    FigureCanvasAgg(fig)
+    ax = fig.subplots()
+    for position, arm in enumerate(arms):
+        values = [_final(r["rows"])[metric] for r in runs if r["arm"] == arm]
+        ax.bar(position, np.mean(values), color="tab:blue", alpha=0.5)
+        ax.scatter([position] * len(values), values, color="black", s=12, zorder=3)
+    before = {
+        row[metric]
+        for r in runs
+        for row in r["rows"]
+        if row["model"] == "student before distillation"
+    }
+    for value in before:
+        ax.axhline(value, color="gray", linestyle="--")
+    ax.set_xticks(range(len(arms)), arms, rotation=20, ha="right", fontsize=8)
+    ax.set_ylabel(metric)
+    ax.set_title(title)
+    fig.savefig(out_png, dpi=120)
