@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import time
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any, NamedTuple
 
@@ -129,9 +130,13 @@ class Sample(NamedTuple):
 
 @dataclasses.dataclass(frozen=True)
 class EvalResult:
+    """`seconds`: the evaluation's wall time, generation included, kept with its scores so
+    a run's report can sum the time it spent evaluating."""
+
     metrics: dict[str, float]
     num_examples: int
     samples: tuple[Sample, ...]
+    seconds: float
 
 
 def padded_chunks(num_examples: int, batch_size: int) -> list[np.ndarray]:
@@ -152,6 +157,7 @@ def evaluate(
 ) -> EvalResult:
     """Scores the first `max_examples` examples (all by default), in order, in batches of
     `spec.batch_size` prompts of `spec.prompt_len` tokens; `spec.shuffle` is ignored."""
+    began = time.perf_counter()
     metric_fn = resolve_metric(metric)
     num_examples = len(examples) if max_examples is None else min(max_examples, len(examples))
     if num_examples <= 0:
@@ -172,4 +178,5 @@ def evaluate(
         Sample(e["input"], p, e["target"])
         for e, p in zip(chosen[:num_samples], predictions, strict=False)
     )
-    return EvalResult(metric_fn(predictions, chosen), num_examples, samples)
+    metrics = metric_fn(predictions, chosen)
+    return EvalResult(metrics, num_examples, samples, time.perf_counter() - began)
