@@ -19,6 +19,8 @@ import pathlib
 from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
+from matplotlib import ticker
+
 from opd_jax import data, reporting
 from opd_jax import tokenizer as tokenizer_lib
 from opd_jax.model import ModelConfig
@@ -144,7 +146,7 @@ def settings(config: Any) -> str:
 
 
 def _fine_tuning(steps: int, learning_rate: float) -> str:
-    return f"{steps} steps, learning rate {learning_rate:g}" if steps else "none"
+    return f"steps: {steps}, learning rate {learning_rate:g}" if steps else "none"
 
 
 def _teacher_model(models: recipe.Models, roles: update.Roles) -> str:
@@ -209,11 +211,12 @@ def phase_seconds(
 ) -> dict[str, float | None]:
     """Wall time per phase, disjoint: each loop stage's `<stage>/wall_seconds` (summed
     over resumed segments, validation during distillation not included), and evaluation,
-    the sum of every evaluation's `seconds` in evals.json. None: a phase that never ran."""
+    the sum of every evaluation's `seconds` in evals.json; to a tenth of a second. None: a
+    phase that never ran."""
     seconds = {f"{phase}_seconds": last_value(records, f"{phase}/wall_seconds") for phase in PHASES}
     timed = [e["seconds"] for e in evals.values() if "seconds" in e]
     seconds["evaluation_seconds"] = sum(timed) if timed else None
-    return seconds
+    return {name: None if value is None else round(value, 1) for name, value in seconds.items()}
 
 
 # ----------------------------------------------------------------------------- builder
@@ -369,6 +372,7 @@ def plot_diagnostics(
             reporting.plot_series(ax, records, key, label=key.split("/", 1)[-1])
         ax.set_title(panel.title, fontsize=9)
         ax.set_xlabel("step", fontsize=8)
+        ax.xaxis.set_major_locator(ticker.MaxNLocator(integer=True))
         ax.tick_params(labelsize=7)
         ax.grid(alpha=0.3)
         if len(panel.keys) > 1:
