@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import time
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any, NamedTuple
 
@@ -63,11 +64,44 @@ def exact_match(
     }
 
 
+def _words(text: str) -> list[str]:
+    """The unit of the repetition measures: lowercased whitespace-separated words, so they
+    do not depend on any model's tokenizer and read the same for every run."""
+    return text.lower().split()
+
+
+def _ngrams(words: Sequence[str], n: int) -> list[tuple[str, ...]]:
+    return [tuple(words[i : i + n]) for i in range(len(words) - n + 1)]
+
+
+def _repeated_share(words: Sequence[str], n: int) -> float:
+    """Share of the n-grams that already occurred earlier in the same text; 0 for a text
+    with no n-gram (fewer than n words): nothing in it repeats."""
+    grams = _ngrams(words, n)
+    return (len(grams) - len(set(grams))) / len(grams) if grams else 0.0
+
+
+def repetition(predictions: Sequence[str]) -> dict[str, float]:
+    """How much each prediction repeats itself, averaged over predictions, ×100 like ROUGE:
+    a distilled student can score ROUGE while writing loops ("to be a model to be the
+    model ..."), which these expose. Over `_words`:
+      repeated_3gram  percent of a prediction's 3-grams that already occurred earlier in it;
+      distinct_2      percent of a prediction's bigrams that are distinct.
+    A prediction too short to have such n-grams repeats nothing: 0 and 100."""
+    if not predictions:
+        raise ValueError("need at least one prediction")
+    words = [_words(p) for p in predictions]
+    return {
+        "repeated_3gram": 100.0 * float(np.mean([_repeated_share(w, 3) for w in words])),
+        "distinct_2": 100.0 * float(np.mean([1.0 - _repeated_share(w, 2) for w in words])),
+    }
+
+
 def summarization_metric(
     predictions: Sequence[str], examples: Sequence[Mapping[str, Any]]
 ) -> dict[str, float]:
-    """ROUGE against each example's `target`."""
-    return rouge(predictions, [e["target"] for e in examples])
+    """ROUGE against each example's `target`, and the predictions' `repetition`."""
+    return {**rouge(predictions, [e["target"] for e in examples]), **repetition(predictions)}
 
 
 # Task kind -> metric, so an experiment names its metric in gin ("summarization", "math").
@@ -96,9 +130,13 @@ class Sample(NamedTuple):
 
 @dataclasses.dataclass(frozen=True)
 class EvalResult:
+    """`seconds`: the evaluation's wall time, generation included, kept with its scores so
+    a run's report can sum the time it spent evaluating."""
+
     metrics: dict[str, float]
     num_examples: int
     samples: tuple[Sample, ...]
+    seconds: float
 
 
 def padded_chunks(num_examples: int, batch_size: int) -> list[np.ndarray]:
@@ -119,6 +157,7 @@ def evaluate(
 ) -> EvalResult:
     """Scores the first `max_examples` examples (all by default), in order, in batches of
     `spec.batch_size` prompts of `spec.prompt_len` tokens; `spec.shuffle` is ignored."""
+    began = time.perf_counter()
     metric_fn = resolve_metric(metric)
     num_examples = len(examples) if max_examples is None else min(max_examples, len(examples))
     if num_examples <= 0:
@@ -139,4 +178,5 @@ def evaluate(
         Sample(e["input"], p, e["target"])
         for e, p in zip(chosen[:num_samples], predictions, strict=False)
     )
-    return EvalResult(metric_fn(predictions, chosen), num_examples, samples)
+    metrics = metric_fn(predictions, chosen)
+    return EvalResult(metrics, num_examples, samples, time.perf_counter() - began)

@@ -6,7 +6,9 @@ stage's directory and continues from its step; batches and RNG are pure function
 the step, so an interrupted run ends in the state of an uninterrupted one. Checkpoints
 are written every `checkpoint_every` steps, at the end, and on SIGTERM (TPU
 preemption), after which the process exits with `Preempted`. A non-finite loss stops
-the run before anything is written.
+the run before anything is written. Each stage also keeps its wall time, summed over
+the segments of a resumed run, in `wall_time.json` beside its checkpoints, and logs it
+every step as "<stage>/wall_seconds".
 
 Only the student's train state is saved: the teacher never changes and is reloaded from
 its source. Each checkpoint carries a fingerprint of what shapes the saved params (the
@@ -41,6 +43,7 @@ Architecture = Any
 
 STATE_ITEM = "state"
 _FINGERPRINT = "model"
+WALL_TIME_FILE = "wall_time.json"
 
 
 class CheckpointMismatchError(ValueError):
@@ -167,6 +170,44 @@ class Stage:
     model_config: Architecture
 
 
+def recorded_seconds(directory: str | pathlib.Path) -> float:
+    """The stage's wall time recorded so far over all its segments; 0 in a fresh workdir."""
+    path = pathlib.Path(directory) / WALL_TIME_FILE
+    return float(json.loads(path.read_text())["seconds"]) if path.exists() else 0.0
+
+
+class _WallClock:
+    """A stage's wall time: what earlier segments recorded plus this segment's, less the
+    time spent in `excluding` blocks (evaluation, reported as a phase of its own).
+
+    Recorded after every step, so a resumed stage adds to it: the total counts all time
+    spent on the stage, redone steps included; a killed process loses at most the step
+    it was in. Only process 0 writes the file."""
+
+    def __init__(self, directory: pathlib.Path) -> None:
+        self.path = directory / WALL_TIME_FILE
+        self.before = recorded_seconds(directory)
+        self.began = time.perf_counter()
+        self.excluded = 0.0
+
+    @contextlib.contextmanager
+    def excluding(self) -> Iterator[None]:
+        began = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.excluded += time.perf_counter() - began
+
+    def record(self) -> float:
+        """The total so far, written where a resumed run reads it."""
+        seconds = self.before + time.perf_counter() - self.began - self.excluded
+        if reporting.is_main_process():
+            partial = self.path.with_suffix(".partial")
+            partial.write_text(json.dumps({"seconds": seconds}))
+            partial.replace(self.path)  # a write cut short never replaces the last total
+        return seconds
+
+
 def restore(stage: Stage, state: TrainState) -> TrainState:
     """The newest checkpoint of the stage, or `state` in a fresh workdir."""
     mngr = manager(stage.directory)
@@ -181,7 +222,9 @@ def run(
     writer: reporting.MetricsWriter,
     after_step: AfterStep | None = None,
 ) -> TrainState:
-    """Runs the stage to `num_steps`, resuming from its newest checkpoint."""
+    """Runs the stage to `num_steps`, resuming from its newest checkpoint. Its wall time
+    (restore, steps, checkpoints; not `after_step`) is added to `wall_time.json`."""
+    clock = _WallClock(stage.directory)
     state = restore(stage, state)
     start = int(state.step)
     if start >= stage.num_steps:
@@ -198,16 +241,18 @@ def run(
             done = step + 1
             scalars = {k: v for k, v in metrics.items() if k != "finite"}
             writer.write(done, {f"{stage.name}/{k}": v for k, v in scalars.items()})
-            writer.write(done, {f"{stage.name}/step_seconds": seconds})
             bar.set_postfix(loss=f"{float(metrics['loss']):.4f}", step_s=f"{seconds:.2f}")
             bar.update()
             last = done == stage.num_steps
             if last or sigterm["requested"] or done % stage.checkpoint_every == 0:
                 save(mngr, done, state, stage.model_config)
+            times = {"step_seconds": seconds, "wall_seconds": clock.record()}
+            writer.write(done, {f"{stage.name}/{k}": v for k, v in times.items()})
             if sigterm["requested"] and not last:
                 writer.flush()
                 raise Preempted(done, stage.directory)
             if after_step is not None:
-                after_step(done, state)
+                with clock.excluding():
+                    after_step(done, state)
     writer.flush()
     return state

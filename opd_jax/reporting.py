@@ -133,7 +133,7 @@ def results_table(rows: Sequence[Mapping[str, Any]], columns: Sequence[str] | No
     return "\n".join(lines)
 
 
-def _fenced(text: str) -> str:
+def fenced(text: str) -> str:
     """A code block whose fence no run of backticks in `text` can close early."""
     fence = "```"
     while fence in text:
@@ -149,7 +149,7 @@ def samples_markdown(name: str, samples: Iterable[Sequence[str]]) -> str:
             text = f"{text[:SAMPLE_INPUT_CHARS]} [... {len(text) - SAMPLE_INPUT_CHARS} chars]"
         parts += [f"### Example {number}"]
         for label, body in (("Input", text), ("Prediction", prediction), ("Reference", reference)):
-            parts += [f"**{label}**", _fenced(body)]
+            parts += [f"**{label}**", fenced(body)]
     return "\n\n".join(parts)
 
 
@@ -174,34 +174,48 @@ def write_results(
 # ----------------------------------------------------------------------------- plots
 
 
+def figure(width: float, height: float) -> Figure:
+    """A figure on an Agg canvas of its own, so the process's pyplot backend is left alone."""
+    fig = Figure(figsize=(width, height), layout="constrained")
+    FigureCanvasAgg(fig)
+    return fig
+
+
+def plot_series(ax: Any, records: Sequence[Mapping[str, Any]], key: str, **line: Any) -> None:
+    """One key's values against step on `ax`, with dots while there are few points."""
+    points = sorted(((r["step"], r[key]) for r in records if key in r), key=lambda p: p[0])
+    steps, values = zip(*points, strict=True)
+    ax.plot(steps, values, marker="." if len(steps) <= 50 else None, **line)
+
+
+def save_png(fig: Figure, out_png: str | os.PathLike) -> pathlib.Path:
+    out_png = pathlib.Path(out_png)
+    out_png.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out_png, dpi=120)
+    return out_png
+
+
 def plot_curves(
     records: Sequence[Mapping[str, Any]],
     metric_keys: Sequence[str],
     out_png: str | os.PathLike,
     title: str = "Training curves",
 ) -> pathlib.Path:
-    """One subplot per key against step, stacked with a shared step axis, saved as PNG.
-    Drawn on an Agg canvas of its own, so the process's pyplot backend is left alone."""
+    """One subplot per key against step, stacked with a shared step axis, saved as PNG."""
     missing = [key for key in metric_keys if not any(key in r for r in records)]
     if missing or not metric_keys:
         available = sorted({key for r in records for key in r} - {"step"})
         raise ValueError(f"no values for {missing or 'any key'}; logged keys: {available}")
-    fig = Figure(figsize=(7, 1 + 2.4 * len(metric_keys)), layout="constrained")
-    FigureCanvasAgg(fig)
+    fig = figure(7, 1 + 2.4 * len(metric_keys))
     axes = fig.subplots(len(metric_keys), 1, sharex=True, squeeze=False)[:, 0]
     for ax, key in zip(axes, metric_keys, strict=True):
-        points = sorted(((r["step"], r[key]) for r in records if key in r), key=lambda p: p[0])
-        steps, values = zip(*points, strict=True)
-        ax.plot(steps, values, marker="." if len(steps) <= 50 else None)
+        plot_series(ax, records, key)
         ax.set_title(key)
         ax.set_ylabel(key)
         ax.grid(alpha=0.3)
     axes[-1].set_xlabel("step")
     fig.suptitle(title)
-    out_png = pathlib.Path(out_png)
-    out_png.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(out_png, dpi=120)
-    return out_png
+    return save_png(fig, out_png)
 
 
 # ----------------------------------------------------------------------------- progress

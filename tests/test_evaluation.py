@@ -104,6 +104,40 @@ def test_rouge_is_the_mean_f_measure_of_rouge_score_times_100():
     assert 0.0 < got["rouge2"] < got["rouge1"] < 100.0  # a partial overlap, not a trivial case
 
 
+def test_repetition_of_hand_made_predictions():
+    loop = "a b c a b c a b c"  # 7 trigrams, 3 distinct; 8 bigrams, 3 distinct
+    assert evaluation.repetition([loop]) == pytest.approx(
+        {"repeated_3gram": 100 * 4 / 7, "distinct_2": 100 * 3 / 8}
+    )
+    # Lowercased words: 2 trigrams, one a repeat; 3 bigrams, 1 distinct.
+    assert evaluation.repetition(["The the THE the"]) == pytest.approx(
+        {"repeated_3gram": 50.0, "distinct_2": 100 / 3}
+    )
+    # The student's loop repeats one bigram ("to be") of 9, no trigram.
+    looping = "They propose to be a model to be the model"
+    assert evaluation.repetition([looping]) == pytest.approx(
+        {"repeated_3gram": 0.0, "distinct_2": 100 * 8 / 9}
+    )
+    short = {"repeated_3gram": 0.0, "distinct_2": 100.0}  # no n-gram repeats nothing
+    assert evaluation.repetition([""]) == short
+    assert evaluation.repetition(["word"]) == short
+
+
+def test_repetition_is_the_mean_over_predictions():
+    got = evaluation.repetition(["a b c a b c a b c", "", "word"])
+    assert got == pytest.approx(
+        {"repeated_3gram": (100 * 4 / 7) / 3, "distinct_2": (100 * 3 / 8 + 200) / 3}
+    )
+    with pytest.raises(ValueError, match="at least one"):
+        evaluation.repetition([])
+
+
+def test_summarization_metric_reports_repetition_beside_rouge():
+    got = evaluation.summarization_metric(["a b c a b c a b c"], [{"target": "a b c"}])
+    assert set(got) == {*evaluation.ROUGE_TYPES, "repeated_3gram", "distinct_2"}
+    assert got["repeated_3gram"] == pytest.approx(100 * 4 / 7)
+
+
 def test_metrics_refuse_mismatched_or_empty_inputs():
     with pytest.raises(ValueError, match="2 vs 1"):
         evaluation.rouge(["a", "b"], ["a"])
@@ -147,7 +181,7 @@ def test_evaluate_scores_reference_answers_perfectly_with_one_batch_shape(chain_
     sampler = ReferenceSampler(tokenizer, examples)
     result = evaluation.evaluate(sampler, chain_sum, tokenizer, math_spec(4), "math", 10)
     assert result.metrics == {"exact_match": 100.0, "answered": 100.0}
-    assert result.num_examples == 10
+    assert result.num_examples == 10 and result.seconds > 0.0
     assert sampler.shapes == [((4, 160), (4, 160))] * 3, "the last batch is padded to full size"
 
 
@@ -190,7 +224,15 @@ def test_evaluate_summarization_gives_rouge(tokenizer):
     result = evaluation.evaluate(
         ReferenceSampler(tokenizer, examples), examples, tokenizer, spec, "summarization"
     )
-    assert result.metrics == pytest.approx({"rouge1": 100.0, "rouge2": 100.0, "rougeL": 100.0})
+    assert result.metrics == pytest.approx(
+        {
+            "rouge1": 100.0,
+            "rouge2": 100.0,
+            "rougeL": 100.0,
+            "repeated_3gram": 0.0,
+            "distinct_2": 100.0,
+        }
+    )
 
 
 def test_evaluate_refuses_a_sampler_that_drops_rows(chain_sum, tokenizer):

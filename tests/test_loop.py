@@ -1,4 +1,5 @@
-"""Orbax train-state checkpoints: round trip, wrong model, damaged and partial steps."""
+"""Orbax train-state checkpoints: round trip, wrong model, damaged and partial steps; a
+stage's wall time over resumed segments."""
 
 import dataclasses
 import shutil
@@ -7,7 +8,7 @@ import jax
 import numpy as np
 import pytest
 
-from opd_jax import loop, model, train_state
+from opd_jax import loop, model, reporting, train_state
 from opd_jax.model import ModelConfig
 
 CONFIG = ModelConfig(
@@ -69,3 +70,45 @@ def test_partial_save_is_ignored(tmp_path):
     shutil.move(tmp_path / "2", tmp_path / "2.orbax-checkpoint-tmp-123")
     restored = loop.restore_latest(loop.manager(tmp_path), loop.abstract(good), CONFIG)
     _assert_same(restored, good)
+
+
+# ----------------------------------------------------------------------------- wall time
+
+
+class FakeClock:
+    """Stands in for `time` in the loop: a step costs 1 s, an evaluation 100 s."""
+
+    def __init__(self) -> None:
+        self.now = 0.0
+
+    def perf_counter(self) -> float:
+        return self.now
+
+
+def test_wall_time_adds_up_over_a_resumed_stage_without_evaluation(tmp_path, monkeypatch):
+    clock = FakeClock()
+    monkeypatch.setattr(loop, "time", clock)
+    stage = loop.Stage(
+        "toy", tmp_path / "toy", num_steps=4, checkpoint_every=2, model_config=CONFIG
+    )
+
+    def step_fn(state, step, crash_at=None):
+        if step == crash_at:
+            raise RuntimeError("killed")
+        clock.now += 1.0
+        return state.replace(step=state.step + 1), {"loss": 1.0, "finite": True}
+
+    def evaluate(step, state):
+        clock.now += 100.0
+
+    with reporting.MetricsWriter(tmp_path / "logs", enabled=True) as writer:
+        with pytest.raises(RuntimeError, match="killed"):  # after step 3, checkpoint at 2
+            loop.run(stage, _state(0), lambda s, i: step_fn(s, i, crash_at=3), writer, evaluate)
+        assert loop.recorded_seconds(stage.directory) == 3.0
+        loop.run(stage, _state(0), step_fn, writer, evaluate)  # redoes step 3, then step 4
+        loop.run(stage, _state(0), step_fn, writer, evaluate)  # finished: adds nothing
+    assert loop.recorded_seconds(stage.directory) == 5.0
+    records = reporting.read_metrics(tmp_path / "logs" / reporting.METRICS_FILE)
+    assert [r["toy/wall_seconds"] for r in records] == [1.0, 2.0, 4.0, 5.0]
+    assert [r["toy/step_seconds"] for r in records] == [1.0] * 4
+    assert loop.manager(stage.directory).all_steps() == [2, 4]
