@@ -4,17 +4,23 @@ GKD (a separate teacher, often fine-tuned first, teaching a smaller student) and
 (the student teaching itself from a privileged context) are configs of this one loop:
   1. teacher_sft (optional, separate teacher only): fine-tune the teacher on the targets.
   2. student_sft (optional): fine-tune the student's full weights on the targets.
-  3. distill: rollout by the GKD mixture, then the update (`update`), with validation
+  3. cold_start (optional, `fixes.ColdStart`): fine-tune the student on teacher samples.
+  4. prompt selection (optional, `fixes.PromptSelection`): keep the training prompts on
+     which teacher and student agree best.
+  5. distill: rollout by the GKD mixture, then the update (`update`), with validation
      every `eval_every` steps and an optional task reward.
-Each stage resumes from its own checkpoints in the workdir. Test-set scores of the
-teacher (in its own, possibly privileged, context), the student before distillation and
-after it go to a results table (markdown + JSON) and a plot of the metric and the exact
-divergence against step; `python -m opd_jax.export WORKDIR OUT` turns the student into a
-Hugging Face directory. The same path runs on one device, a mesh and several hosts.
+Each stage resumes from its own checkpoints. Stages 1-4 live in a prefix directory (the
+workdir, or one that runs configured alike share: `prefix_bindings`, `opd_jax.study`).
+Test-set scores of the teacher (in its own, possibly privileged, context), the student
+before distillation and after it go to a results table (markdown + JSON) and a plot of
+the metric and the exact divergence against step; report.md and diagnostics.png
+(`run_report`) hold the reporting checklist and the in-step diagnostics.
+`python -m opd_jax.export WORKDIR OUT` turns the student into a Hugging Face directory.
+The same path runs on one device, a mesh and several hosts.
 
 Every setting is a gin parameter of `Task`, `Models`, `Schedule`, `RolloutSampling`,
-`DistillConfig`, `OptimizerConfig`, `MixtureConfig`, `SelfTeacher`, `PrivilegedContext`, `LoraConfig`,
-`Layout` or `make_mesh`.
+`DistillConfig`, `OptimizerConfig`, `MixtureConfig`, `ColdStart`, `PromptSelection`,
+`SelfTeacher`, `PrivilegedContext`, `LoraConfig`, `Layout` or `make_mesh`.
 """
 
 from __future__ import annotations
@@ -48,6 +54,7 @@ from opd_jax import (
     model,
     opsd,
     reporting,
+    run_report,
     sampling,
     train_state,
     update,
@@ -718,7 +725,22 @@ def run(
         "student before distillation": (roles.student.n_layers, start_test),
         "student after distillation": (roles.student.n_layers, final_test),
     }
-    return report(workdir, title, results, task.primary_metric, final_test["num_examples"])
+    rows = report(workdir, title, results, task.primary_metric, final_test["num_examples"])
+    if reporting.is_main_process():
+        records = reporting.read_metrics(workdir / "logs" / reporting.METRICS_FILE)
+        checklist = run_report.build_checklist(
+            task=task, models=models, schedule=schedule, rollout=rollout_sampling,
+            objective=cfg, mixture=mixture, optim=optim, cold=cold, selection=selection,
+            roles=roles, student_layers=loaded.student_layers, spec=spec,
+            teacher_spec=teacher_spec, tokenizer=tokenizer, teacher_tokenizer=teacher_tokenizer,
+            records=records, evals={k: v for store in evals.values() for k, v in store.items()},
+            stage_dirs={
+                stage: (workdir if stage == "distill" else prefix_dir) / stage
+                for stage in run_report.PHASES
+            },
+        )  # fmt: skip
+        run_report.write(workdir, checklist, records)
+    return rows
 
 
 def report(

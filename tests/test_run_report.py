@@ -2,6 +2,7 @@
 resumed run's logs, the diagnostics grid, and the results table beside them."""
 
 import dataclasses
+import json
 import struct
 
 import pytest
@@ -10,7 +11,9 @@ import tokenizers
 from opd_jax import (
     data,
     distill,
+    fixes,
     gkd,
+    loop,
     lora,
     opsd,
     recipe,
@@ -60,22 +63,31 @@ def logged_records(tmp_path) -> list[dict]:
     """The logs of a run whose distillation was interrupted after step 3 and resumed from
     its step-2 checkpoint: steps 3 and 4 are logged twice, the last values count."""
     writer = reporting.MetricsWriter(tmp_path / "logs", enabled=True)
-    writer.write(1, {"teacher_sft/loss": 2.0, "teacher_sft/wall_seconds": 30.0})
-    writer.write(2, {"student_sft/loss": 2.0, "student_sft/wall_seconds": 12.5})
-    segments = [(range(1, 5), 0.0), (range(3, 7), 2.0)]  # the second adds 2 s of restore
-    for steps, extra in segments:
+    writer.write(1, {"teacher_sft/loss": 2.0})
+    writer.write(2, {"student_sft/loss": 2.0})
+    for steps in (range(1, 5), range(3, 7)):
         for step in steps:
             scalars = {f"distill/{name}": 1.0 / step for name in DIAGNOSTICS}
             on_policy = float(step % 2)  # per-step coin: odd steps are the student's
             scalars |= {"distill/num_tokens": 100.0 + step, "distill/on_policy_fraction": on_policy}
-            writer.write(step, {**scalars, "distill/wall_seconds": 10.0 * step + extra})
+            writer.write(step, scalars)
     for step in (0, 3, 6):
         writer.write(step, {"eval/student_rougeL": 10.0 + step, "eval/student_distinct_2": 90.0})
     writer.close()
     return reporting.read_metrics(tmp_path / "logs" / reporting.METRICS_FILE)
 
 
-def checklist(records, **tokenizers_) -> run_report.Checklist:
+def stage_dirs(tmp_path):
+    """Stage directories as the loop leaves them: teacher and student fine-tuned, no cold
+    start, distillation over two segments (62 s in all)."""
+    seconds = {"teacher_sft": 30.0, "student_sft": 12.5, "distill": 62.0}
+    for stage, total in seconds.items():
+        (tmp_path / stage).mkdir(parents=True)
+        (tmp_path / stage / loop.WALL_TIME_FILE).write_text(json.dumps({"seconds": total}))
+    return {stage: tmp_path / stage for stage in run_report.PHASES}
+
+
+def checklist(records, stages=None, **tokenizers_) -> run_report.Checklist:
     """A GKD run's checklist: a separate teacher with a privileged context, a student cut
     to two layers with LoRA, a per-row lambda with teacher-sampled off-policy rows."""
     template = data.SUMMARIZE_PAPER
@@ -95,6 +107,8 @@ def checklist(records, **tokenizers_) -> run_report.Checklist:
             on_policy_fraction=0.25, per_example=True, fixed_source="teacher"
         ),
         optim=train_state.OptimizerConfig(learning_rate=3e-5),
+        cold=fixes.ColdStart(steps=3, min_reward=0.5),
+        selection=fixes.PromptSelection(),
         roles=update.Roles(STUDENT, TEACHER, None, lora.LoraConfig(rank=4)),
         student_layers=(0, 3),
         spec=spec,
@@ -103,6 +117,7 @@ def checklist(records, **tokenizers_) -> run_report.Checklist:
         teacher_tokenizer=tokenizers_.get("teacher_tokenizer", word_tokenizer()),
         records=records,
         evals={"teacher/test": {"seconds": 2.5}, "student/eval/3": {"seconds": 1.54}},
+        stage_dirs=stages or {},
     )
 
 
@@ -129,12 +144,13 @@ def test_report_renders_every_checklist_field(tmp_path):
 
 
 def test_tokens_and_wall_times_come_from_the_last_value_of_each_step(tmp_path):
-    listed = checklist(logged_records(tmp_path))
+    listed = checklist(logged_records(tmp_path), stage_dirs(tmp_path))
     num_tokens = {step: 100 + step for step in range(1, 7)}  # steps 3, 4 counted once
     assert listed.completion_tokens == sum(num_tokens.values())
     assert listed.student_sampled_tokens == 101 + 103 + 105
     assert listed.teacher_sampled_tokens == 102 + 104 + 106
     assert (listed.teacher_sft_seconds, listed.student_sft_seconds) == (30.0, 12.5)
+    assert listed.cold_start_seconds is None  # it never ran
     assert listed.distill_seconds == 62.0
     assert listed.evaluation_seconds == 4.0  # 2.5 + 1.54, to a tenth of a second
     dataset_rows = run_report.distill_tokens(logged_records(tmp_path / "again"), "dataset")
@@ -142,7 +158,7 @@ def test_tokens_and_wall_times_come_from_the_last_value_of_each_step(tmp_path):
 
 
 def test_a_fresh_workdir_reports_phases_that_never_ran_as_missing():
-    seconds = run_report.phase_seconds([], {"student/eval/0": {"metrics": {}}})
+    seconds = run_report.phase_seconds({}, {"student/eval/0": {"metrics": {}}})
     assert set(seconds.values()) == {None}
     assert run_report.render_value(None) == "n/a"
 
