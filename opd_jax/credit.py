@@ -13,7 +13,9 @@ Credit: the advantage A_t that multiplies -rho_t grad log q(y_t).
   gae           A_t = sum_{l>=0} (gamma lambda)^l delta_{t+l},  delta_t = r_t + gamma V_{t+1} - V_t
 Sums stop at the completion's last real token, after which V = 0. The reverse KL of a
 sequence is the sum of its per-token terms, so return-to-go credits a token with the
-divergence of the continuation it leads to, not only its own. V is a learned value head
+divergence of the continuation it leads to, not only its own: its expected gradient is
+the sequence-level reverse KL's, which counts how a token changes the prefixes of later
+ones, where pg's holds each prefix fixed. V is a learned value head
 (`values`): a linear map of the student's final hidden state at each completion position,
 trained on the lambda-returns A_t + V_t by its own optimizer. gamma = 0 gives
 A_t = r_t - V_t (immediate with a baseline); lambda = 1 gives the discounted return minus
