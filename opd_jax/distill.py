@@ -17,7 +17,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from opd_jax import diagnostics, losses, mesh, model, train_state
+from opd_jax import credit, diagnostics, losses, mesh, model, train_state
 from opd_jax.model import ModelConfig, Params
 from opd_jax.train_state import BatchCounts, DistillBatch
 
@@ -27,10 +27,11 @@ from opd_jax.train_state import BatchCounts, DistillBatch
 class DistillConfig(losses.Objective):
     """What the update step optimizes; every field is a gin parameter of `DistillConfig`.
 
-    divergence, beta, estimator, top_k, topk_form, temperature: the objective, WHAT is
-      minimized and HOW it is estimated (`losses.Objective`, which checks them when the
-      config is built; the README's objective table lists every choice). Sampled-token
-      estimators take only the rollouts `gkd.check_rollouts` accepts.
+    divergence, beta, estimator, top_k, topk_form, temperature, credit, gamma, gae_lambda,
+      routing, routing_top_k: the objective, WHAT is minimized and HOW it is estimated
+      (`losses.Objective`, which checks them when the config is built; the README's
+      objective table lists every choice). Sampled-token estimators take only the
+      rollouts `gkd.check_rollouts` accepts.
     vocab_chunk: positions per chunk when computing full-vocabulary values; 0
       materializes all logits at once (fastest for small models, most memory).
     rl_alpha: GKD's alpha, the weight of the divergence when a task reward is combined
@@ -41,12 +42,15 @@ class DistillConfig(losses.Objective):
       models need it; on a 2-core CPU, SmolLM2-135M at 4 x 320 tokens, turning it off
       saved 8% of a fine-tuning step and 6% of a GKD update.
     diagnostic_top_k: k of the logged top-k overlap diagnostics (`diagnostics`); 0 off.
+    value_learning_rate: Adam's step size for the value head of credit "gae"
+      (`credit.value_optimizer`).
     """
 
     vocab_chunk: int = 0
     rl_alpha: float = 1.0
     remat: bool = True
     diagnostic_top_k: int = 16
+    value_learning_rate: float = 1e-3
 
     def __post_init__(self):
         super().__post_init__()
@@ -54,6 +58,13 @@ class DistillConfig(losses.Objective):
             raise ValueError(f"rl_alpha must be in [0, 1], got {self.rl_alpha}")
         if self.diagnostic_top_k < 0:
             raise ValueError(f"diagnostic_top_k must be >= 0, got {self.diagnostic_top_k}")
+        if not self.value_learning_rate > 0:
+            raise ValueError(f"value_learning_rate must be > 0, got {self.value_learning_rate}")
+
+    def value_optimizer(self) -> optax.GradientTransformation | None:
+        """The value head's optimizer when the update learns one, else None: the state and
+        the update step must be built with the same."""
+        return credit.value_optimizer(self.value_learning_rate) if self.learns_value else None
 
 
 class VocabMismatchError(ValueError):
@@ -104,8 +115,10 @@ def per_token_terms(
     teacher_config: ModelConfig,
     cfg: DistillConfig,
     logits_sharding: Any = None,
+    value_params: Params | None = None,
 ) -> dict[str, jax.Array]:
-    """`losses.token_statistics` of the batch's completions, each [B, N]."""
+    """`losses.token_statistics` of the batch's completions, each [B, N], and with
+    `value_params` the value head's "value" of each position (`credit.values`)."""
     mask = batch.completion_mask_BxN
     student_hidden = completion_hidden(
         student_params,
@@ -127,7 +140,7 @@ def per_token_terms(
             mask,
         )
     )
-    return losses.token_statistics(
+    terms = losses.token_statistics(
         teacher_hidden,
         jax.lax.stop_gradient(model.lm_head(teacher_params, teacher_config)),
         student_hidden,
@@ -140,6 +153,9 @@ def per_token_terms(
         diagnostic_k=cfg.diagnostic_top_k,
         logits_sharding=logits_sharding,
     )
+    if value_params is not None:
+        terms["value"] = credit.values(value_params, student_hidden)
+    return terms
 
 
 def reward_term(
@@ -203,6 +219,44 @@ def _diagnostics(
     return out
 
 
+def _credited_estimate(
+    terms: dict[str, jax.Array], batch: DistillBatch, cfg: DistillConfig, counts: BatchCounts
+) -> tuple[jax.Array, dict[str, jax.Array]]:
+    """pg's per-token estimate with cfg's credit and routing: its value, the gradient of
+    `credit.surrogate`; and their metrics: the mean advantage, the fraction of tokens
+    routed and, with a value head, its loss (half the mean squared error against the
+    lambda-returns) and the mean return."""
+    sg = jax.lax.stop_gradient
+    mask = batch.completion_mask_BxN
+    token_mean = lambda values: losses.masked_mean(values, mask, counts.tokens)
+    value_BxN = terms.get("value")
+    reward_BxN = sg(terms["teacher_logprob"] - terms["student_logprob"])
+    advantage_BxN = credit.advantages(
+        reward_BxN,
+        mask,
+        cfg.credit,
+        cfg.gamma,
+        cfg.gae_lambda,
+        None if value_BxN is None else sg(value_BxN),
+    )
+    estimate_BxN = sg(terms["estimate"]) + credit.surrogate(
+        advantage_BxN,
+        terms["student_logprob"],
+        batch.sampler_logprob_BxN,
+        mask,
+        terms.get("routed_logprob"),
+        terms.get("routed"),
+    )
+    shares = {"advantage_mean": token_mean(advantage_BxN)}
+    if "routed" in terms:
+        shares["routed_fraction"] = token_mean(credit.routes(advantage_BxN, terms["routed"]))
+    if value_BxN is not None:
+        return_BxN = credit.value_targets(advantage_BxN, sg(value_BxN))
+        shares["value_loss"] = token_mean(0.5 * jnp.square(value_BxN - return_BxN))
+        shares["return_mean"] = token_mean(return_BxN)
+    return estimate_BxN, shares
+
+
 def loss_terms(
     terms: dict[str, jax.Array], batch: DistillBatch, cfg: DistillConfig, counts: BatchCounts
 ) -> dict[str, jax.Array]:
@@ -210,11 +264,17 @@ def loss_terms(
 
     "loss" is optimized: the estimator's per-token mean ("divergence_estimate") or, with
     advantages, (1 - rl_alpha) * `reward_term` + rl_alpha * that. "divergence" is always
-    the exact full-vocabulary value of cfg.divergence, never a surrogate.
+    the exact full-vocabulary value of cfg.divergence, never a surrogate. Credit and
+    routing other than pg's own change the estimate's gradient, not its value, and add
+    their metrics (`_credited_estimate`); "value_loss" trains the value head alone
+    (`train_state.make_update`).
     """
     mask = batch.completion_mask_BxN
     token_mean = lambda values: losses.masked_mean(values, mask, counts.tokens)
-    shares = {"divergence_estimate": token_mean(terms["estimate"])}
+    estimate_BxN, shares = terms["estimate"], {}
+    if cfg.reassigns_credit:
+        estimate_BxN, shares = _credited_estimate(terms, batch, cfg, counts)
+    shares["divergence_estimate"] = token_mean(estimate_BxN)
     for name in ("divergence", "forward_kl", "reverse_kl", "teacher_entropy", "student_entropy"):
         shares[name] = token_mean(jax.lax.stop_gradient(terms[name]))
     shares["logprob_mismatch"] = _logprob_mismatch(terms, batch, counts)

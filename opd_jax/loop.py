@@ -76,11 +76,13 @@ def save(mngr: ocp.CheckpointManager, step: int, state: Any, config: Architectur
 
 
 def _check_fingerprint(mngr: ocp.CheckpointManager, step: int, config: Architecture) -> None:
+    """A field missing on either side reads as None, so a field added later with a None
+    default (nothing new in the state) leaves older checkpoints resumable."""
     saved = mngr.restore(step, args=ocp.args.Composite(**{_FINGERPRINT: ocp.args.JsonRestore()}))
     saved = saved[_FINGERPRINT]
     expected = fingerprint(config)
-    if saved != expected:
-        differing = sorted(k for k in expected if saved.get(k) != expected[k])
+    differing = sorted(k for k in saved.keys() | expected.keys() if saved.get(k) != expected.get(k))
+    if differing:
         raise CheckpointMismatchError(
             f"{mngr.directory} holds checkpoints of a different model (fields differ: "
             f"{', '.join(differing)}); use another --workdir or remove it"

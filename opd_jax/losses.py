@@ -8,6 +8,8 @@ minimized (forward KL, reverse KL or the generalized JSD) and the estimator of i
   student_topk  reverse KL restricted to the student's top-k tokens;
   pg, k1, k3    reverse KL from the sampled token alone, importance-weighted to the
                 loss distribution with the sampler's recorded log-prob.
+The pg estimator's gradient can further take other credit (return-to-go, discounted,
+GAE advantages) and route a sampled token's lost mass to chosen alternatives (`credit`).
 `token_statistics` computes the chosen estimate per position together with the exact
 divergence and the other metrics in one chunked pass over the vocabulary.
 
@@ -34,7 +36,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
-from opd_jax import diagnostics, mesh
+from opd_jax import credit, diagnostics, mesh
 
 DIVERGENCES = ("forward_kl", "reverse_kl", "jsd")
 ESTIMATORS = ("full", "teacher_topk", "student_topk", "pg", "k1", "k3")
@@ -79,6 +81,11 @@ class Objective:
       reverse KL only; teacher_topk and student_topk use `top_k` tokens, student_topk in
       `topk_form` (see `student_topk_reverse_kl`).
     temperature: divides teacher and student logits alike.
+    credit, gamma, gae_lambda: the advantage of estimator "pg"'s gradient, one of
+      credit.CREDITS ("immediate" is pg itself; "gae" learns a value head).
+    routing, routing_top_k: "overlap" sends the mass a token with a negative advantage
+      loses to the teacher's and the student's shared top-`routing_top_k` tokens (CR-OPD);
+      "none" spreads it as pg does. Both are defined in `credit`, "pg" only.
     Every check runs here, so a bad combination fails when the config is built.
     """
 
@@ -88,6 +95,11 @@ class Objective:
     top_k: int = 0
     topk_form: str = "stopgrad"
     temperature: float = 1.0
+    credit: str = "immediate"
+    gamma: float = 1.0
+    gae_lambda: float = 0.95
+    routing: str = "none"
+    routing_top_k: int = 16
 
     def __post_init__(self):
         kind = self.kind
@@ -105,6 +117,32 @@ class Objective:
                 f"top_k must be >= 1 with estimator={self.estimator!r}, got {self.top_k}"
             )
         _check_choice("topk_form", self.topk_form, TOPK_FORMS)
+        self._check_credit()
+
+    def _check_credit(self) -> None:
+        _check_choice("credit", self.credit, credit.CREDITS)
+        _check_choice("routing", self.routing, credit.ROUTINGS)
+        if self.reassigns_credit and self.estimator != "pg":
+            raise ValueError(
+                f"credit={self.credit!r} and routing={self.routing!r} change the gradient of "
+                f"estimator='pg' only, got estimator={self.estimator!r}: use 'pg', or credit="
+                "'immediate' and routing='none'"
+            )
+        for name in ("gamma", "gae_lambda"):
+            if not 0.0 <= getattr(self, name) <= 1.0:
+                raise ValueError(f"{name} must be in [0, 1], got {getattr(self, name)}")
+        if self.routing_top_k < 1:
+            raise ValueError(f"routing_top_k must be >= 1, got {self.routing_top_k}")
+
+    @property
+    def reassigns_credit(self) -> bool:
+        """Whether credit or routing changes pg's gradient (`credit`)."""
+        return (self.credit, self.routing) != ("immediate", "none")
+
+    @property
+    def learns_value(self) -> bool:
+        """Whether the update trains a value head beside the student (credit "gae")."""
+        return self.credit == "gae"
 
     @property
     def kind(self) -> str:
@@ -404,9 +442,13 @@ def _chunk_statistics(
     elif objective.estimator == "student_topk":
         k, form = objective.top_k, objective.topk_form
         stats["estimate"] = student_topk_reverse_kl(logp_BxCxV, logq_BxCxV, k, form)
+    vocab = logp_BxCxV.shape[-1]
     if diagnostic_k:
-        k = min(diagnostic_k, logp_BxCxV.shape[-1])
+        k = min(diagnostic_k, vocab)
         stats |= diagnostics.topk_overlap(logp_BxCxV, logq_BxCxV, tokens_BxC, k)
+    if objective.routing == "overlap":
+        k = min(objective.routing_top_k, vocab)
+        stats |= credit.routed_set(logp_BxCxV, logq_BxCxV, tokens_BxC, k)
     return stats
 
 
@@ -432,7 +474,8 @@ def token_statistics(
     temperature, plus "student_raw_logprob" (temperature 1, what the sampler records as
     its raw log-prob). Sampled estimators need `sampler_logprob_BxT`, the log-prob under
     the distribution that drew each token; `valid_BxT` marks the real tokens.
-    `diagnostic_k` > 0 adds `diagnostics.topk_overlap` of the two sides' top-k sets.
+    `diagnostic_k` > 0 adds `diagnostics.topk_overlap` of the two sides' top-k sets;
+    routing "overlap" adds "routed_logprob" and "routed" (`credit.routed_set`).
     Teacher and student may have different widths (D, E) but share the vocabulary V.
 
     The sequence is cut into chunks of `chunk_size` positions (all rows at once, so a

@@ -1,13 +1,14 @@
 """The train state, the optimizer and the update machinery every step shares.
 
 A `TrainState` holds what a resumed run needs: the trainable params, the optimizer state,
-the key and, for an EMA self-teacher, the moving average; frozen params (a teacher, a
-LoRA base) sit beside it and are never checkpointed. `make_update` turns any loss into a
-step: gradient accumulation scans over micro-batches, each contributing its share of the
-whole batch's means (per token, per sequence), so k micro-batches give the same update
-as one big batch; a non-finite loss or gradient skips the update, and the host stops the
-run (`raise_if_not_finite`) before it could be checkpointed. The objectives live in
-`distill` (GKD, SFT); `update` builds the run's steps from both.
+the key and, for an EMA self-teacher, the moving average; a `ValueTrainState` adds a
+learned value head (`credit`); frozen params (a teacher, a LoRA base) sit beside it and
+are never checkpointed. `make_update` turns any loss into a step: gradient accumulation
+scans over micro-batches, each contributing its share of the whole batch's means (per
+token, per sequence), so k micro-batches give the same update as one big batch; a
+non-finite loss or gradient skips the update, and the host stops the run
+(`raise_if_not_finite`) before it could be checkpointed. The objectives live in `distill`
+(GKD, SFT); `update` builds the run's steps from both.
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from opd_jax import config, mesh
+from opd_jax import config, credit, mesh
 from opd_jax.model import Params
 
 
@@ -55,6 +56,23 @@ class TrainState:
     opt_state: optax.OptState
     rng: jax.Array  # raw uint32 key data (checkpointable); see `step_key`
     ema_params: Params | None = None  # a moving average of params (self-distillation's teacher)
+
+
+@flax.struct.dataclass
+class ValueTrainState(TrainState):
+    """A TrainState that also learns a value head (credit "gae") with its own optimizer.
+
+    A subclass rather than a field of TrainState: Orbax restores a checkpoint only into
+    its exact tree, and a new field, even None, would refuse every existing checkpoint.
+    """
+
+    value_head: credit.ValueHead | None = None
+
+
+def with_value_head(state: TrainState, value_head: credit.ValueHead) -> ValueTrainState:
+    """`state` with `value_head` beside it."""
+    fields = {field.name: getattr(state, field.name) for field in dataclasses.fields(TrainState)}
+    return ValueTrainState(**fields, value_head=value_head)
 
 
 @flax.struct.dataclass
@@ -154,28 +172,63 @@ def _split_micro(batch: DistillBatch, k: int) -> DistillBatch:
     return jax.tree.map(split, batch)
 
 
-# loss_shares(params, frozen, micro_batch, counts) -> {"loss": ..., other metrics...}, each
-# the micro-batch's share of a whole-batch mean (normalized by `counts`).
-LossShares = Callable[[Params, Any, DistillBatch, BatchCounts], dict[str, jax.Array]]
+# loss_shares(trainable, frozen, micro_batch, counts) -> {"loss": ..., other metrics...}, each
+# the micro-batch's share of a whole-batch mean (normalized by `counts`); trainable is the
+# params, or (params, value head params) for a ValueTrainState, whose loss_shares also
+# gives "value_loss".
+LossShares = Callable[[Any, Any, DistillBatch, BatchCounts], dict[str, jax.Array]]
 
 
-def make_update(loss_shares: LossShares, grad_accum: int, optimizer: optax.GradientTransformation):
+def _apply(
+    optimizer: optax.GradientTransformation,
+    grads: Params,
+    opt_state: optax.OptState,
+    params: Params,
+    finite: jax.Array,
+) -> tuple[Params, optax.OptState]:
+    """One optax update, or the old params and state when `finite` is false."""
+    updates, new_opt_state = optimizer.update(grads, opt_state, params)
+    new = (optax.apply_updates(params, updates), new_opt_state)
+    return jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, (params, opt_state))
+
+
+def make_update(
+    loss_shares: LossShares,
+    grad_accum: int,
+    optimizer: optax.GradientTransformation,
+    value_optimizer: optax.GradientTransformation | None = None,
+):
     """The shared update, unjitted (a caller may wrap it): gradients of the loss summed
     over `grad_accum` micro-batches, each normalized by the whole batch's counts, then one
     optax update. A non-finite loss or gradient keeps the old params and optimizer state
-    (the host raises on `finite`)."""
+    (the host raises on `finite`).
+
+    With `value_optimizer` the state is a ValueTrainState, and one backward pass of
+    "loss" + "value_loss" gives both gradients: the value loss reads the student's hidden
+    states under stop_gradient and the loss reads the values' advantages under it, so
+    neither reaches the other's params. Each side then takes its own optimizer's step,
+    and "grad_norm" stays the student's alone.
+    """
+    learns_value = value_optimizer is not None
 
     def update(state: TrainState, frozen: Any, batch: DistillBatch):
+        if learns_value != isinstance(state, ValueTrainState):
+            raise ValueError(
+                "a value optimizer needs a ValueTrainState (and only it): build the state "
+                "with the same value optimizer the update step is given"
+            )
         counts = batch_counts(batch)
         micro_batches = _split_micro(batch, grad_accum)
         first = jax.tree.map(lambda x: x[0], micro_batches)
+        trainable = (state.params, state.value_head.params) if learns_value else state.params
 
         def grads_and_shares(micro: DistillBatch):
-            def loss(params):
-                shares = loss_shares(params, frozen, micro, counts)
-                return shares["loss"], shares
+            def loss(trainable):
+                shares = loss_shares(trainable, frozen, micro, counts)
+                value_loss = shares["value_loss"] if learns_value else 0.0
+                return shares["loss"] + value_loss, shares
 
-            return jax.grad(loss, has_aux=True)(state.params)
+            return jax.grad(loss, has_aux=True)(trainable)
 
         zeros = jax.tree.map(jnp.zeros_like, jax.eval_shape(grads_and_shares, first))
 
@@ -183,6 +236,7 @@ def make_update(loss_shares: LossShares, grad_accum: int, optimizer: optax.Gradi
             return jax.tree.map(jnp.add, carry, grads_and_shares(micro)), None
 
         (grads, metrics), _ = jax.lax.scan(accumulate, zeros, micro_batches)
+        grads, value_grads = grads if learns_value else (grads, None)
 
         # A metric given as (sum, count) is a mean over a subset: divided once summed.
         is_pair = lambda v: isinstance(v, tuple)
@@ -193,16 +247,23 @@ def make_update(loss_shares: LossShares, grad_accum: int, optimizer: optax.Gradi
         metrics["num_tokens"] = counts.tokens
         metrics["grad_norm"] = optax.global_norm(grads)
         finite = jnp.isfinite(metrics["loss"]) & jnp.isfinite(metrics["grad_norm"])
+        if learns_value:
+            metrics["value_grad_norm"] = optax.global_norm(value_grads)
+            finite &= jnp.isfinite(metrics["value_loss"]) & jnp.isfinite(metrics["value_grad_norm"])
         metrics["finite"] = finite
 
-        updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
-        params = optax.apply_updates(state.params, updates)
-        keep = lambda new, old: jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, old)
+        params, opt_state = _apply(optimizer, grads, state.opt_state, state.params, finite)
         new_state = state.replace(
-            step=state.step + finite.astype(jnp.int32),
-            params=keep(params, state.params),
-            opt_state=keep(opt_state, state.opt_state),
+            step=state.step + finite.astype(jnp.int32), params=params, opt_state=opt_state
         )
+        if learns_value:
+            head = state.value_head
+            value_params, value_opt_state = _apply(
+                value_optimizer, value_grads, head.opt_state, head.params, finite
+            )
+            new_state = new_state.replace(
+                value_head=head.replace(params=value_params, opt_state=value_opt_state)
+            )
         return new_state, metrics
 
     return update

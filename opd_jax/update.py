@@ -21,7 +21,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from opd_jax import distill, gkd, lora, mesh, opsd, sampling, train_state
+from opd_jax import credit, distill, gkd, lora, mesh, opsd, sampling, train_state
 from opd_jax.lora import LoraConfig
 from opd_jax.model import ModelConfig, Params
 from opd_jax.train_state import DistillBatch, TrainState
@@ -53,16 +53,21 @@ class Roles:
 @dataclasses.dataclass(frozen=True)
 class StudentShape:
     """What a distillation checkpoint must match to be resumed: the model, the LoRA shape
-    (another rank or target set is another params tree) and the teacher kind (ema keeps
-    a second params tree in the state)."""
+    (another rank or target set is another params tree), the teacher kind (ema keeps
+    a second params tree in the state) and the width of a learned value head (None
+    without one, as in checkpoints older than the field: `loop` reads a missing field as
+    None)."""
 
     model: ModelConfig
     lora: LoraConfig | None
     teacher: str
+    value_head: int | None = None
 
 
-def student_shape(roles: Roles) -> StudentShape:
-    return StudentShape(roles.student, roles.lora, roles.teacher_kind)
+def student_shape(roles: Roles, learns_value: bool = False) -> StudentShape:
+    """`learns_value`: the state holds a value head (`distill.DistillConfig.learns_value`)."""
+    width = roles.student.d_model if learns_value else None
+    return StudentShape(roles.student, roles.lora, roles.teacher_kind, width)
 
 
 def frozen_arrays(roles: Roles, student_params: Params, teacher_params: Params | None) -> Frozen:
@@ -89,10 +94,15 @@ def teacher_weights(roles: Roles, state: TrainState, frozen: Frozen) -> Params:
 
 
 def init_state(
-    roles: Roles, student_params: Params, optimizer: optax.GradientTransformation, seed: int
+    roles: Roles,
+    student_params: Params,
+    optimizer: optax.GradientTransformation,
+    seed: int,
+    value_optimizer: optax.GradientTransformation | None = None,
 ) -> TrainState:
     """A fresh state: the student's weights (copied) or zero-effect adapters, plus the
-    moving average when the teacher is "ema"."""
+    moving average when the teacher is "ema", and a value head when `value_optimizer` is
+    given (`distill.DistillConfig.value_optimizer`)."""
     trainable = student_params
     if roles.lora is not None:
         trainable = lora.init(
@@ -101,6 +111,9 @@ def init_state(
     state = train_state.init_train_state(trainable, optimizer, seed)
     if roles.teacher_kind == "ema":
         state = state.replace(ema_params=jax.tree.map(jnp.copy, state.params))
+    if value_optimizer is not None:
+        head = credit.init_value_head(roles.student.d_model, value_optimizer)
+        state = train_state.with_value_head(state, head)
     return state
 
 
@@ -108,7 +121,8 @@ def state_shardings(
     abstract_state: TrainState, optimizer: optax.GradientTransformation, params_sharding: Any
 ) -> TrainState:
     """Shardings of a TrainState: params (and their moving average) as given, optimizer
-    moments like their params, everything else (step, counts, rng) replicated."""
+    moments like their params, everything else (step, counts, rng, a value head and its
+    optimizer state, a few KB) replicated."""
     replicated = mesh.replicated(jax.tree.leaves(params_sharding)[0].mesh)
     opt_state = optax.tree_utils.tree_map_params(
         optimizer,
@@ -118,9 +132,13 @@ def state_shardings(
         transform_non_params=lambda _: replicated,
     )
     ema = None if abstract_state.ema_params is None else params_sharding
-    return TrainState(
+    shardings = TrainState(
         step=replicated, params=params_sharding, opt_state=opt_state, rng=replicated, ema_params=ema
     )
+    if isinstance(abstract_state, train_state.ValueTrainState):
+        head = jax.tree.map(lambda _: replicated, abstract_state.value_head)
+        shardings = train_state.with_value_head(shardings, head)
+    return shardings
 
 
 def create_state(
@@ -129,11 +147,12 @@ def create_state(
     optimizer: optax.GradientTransformation,
     seed: int,
     student_sharding: Any,
+    value_optimizer: optax.GradientTransformation | None = None,
 ) -> TrainState:
     """`init_state` built directly in its shardings, so each shard of the optimizer
     moments is made on the device that keeps it. Full weights follow the student's
     layout; LoRA adapters (a few MB) are replicated."""
-    init = lambda p: init_state(roles, p, optimizer, seed)
+    init = lambda p: init_state(roles, p, optimizer, seed, value_optimizer)
     abstract = jax.eval_shape(init, student_params)
     trainable_sharding = student_sharding
     if roles.lora is not None:
@@ -163,24 +182,28 @@ def make_update_step(
 ):
     """update(state, frozen, batch) -> (state, metrics), jitted, state donated; metrics as
     `distill.loss_terms` gives them (replicated on a mesh), accumulated over `grad_accum`
-    micro-batches. Without `shardings`, one device."""
+    micro-batches. Without `shardings`, one device. When cfg learns a value head, the
+    state must hold one (`init_state` with cfg.value_optimizer()).
+    """
     distill.check_vocab(roles.teacher, roles.student)
 
     def loss_shares(trainable, frozen_and_ema, micro, counts):
         frozen, ema = frozen_and_ema
-        view = TrainState(step=None, params=trainable, opt_state=None, rng=None, ema_params=ema)
+        params, value_params = trainable if cfg.learns_value else (trainable, None)
+        view = TrainState(step=None, params=params, opt_state=None, rng=None, ema_params=ema)
         terms = distill.per_token_terms(
-            student_weights(roles, trainable, frozen),
+            student_weights(roles, params, frozen),
             teacher_weights(roles, view, frozen),
             micro,
             roles.student,
             roles.teacher,
             cfg,
             None if shardings is None else shardings.logits,
+            value_params,
         )
         return distill.loss_terms(terms, micro, cfg, counts)
 
-    inner = train_state.make_update(loss_shares, grad_accum, optimizer)
+    inner = train_state.make_update(loss_shares, grad_accum, optimizer, cfg.value_optimizer())
 
     def update(state: TrainState, frozen: Frozen, batch: DistillBatch):
         new_state, metrics = inner(state, (frozen, state.ema_params), batch)
