@@ -620,7 +620,7 @@ def run(
         (prefix_dir, "teacher_sft", roles.teacher),
         (prefix_dir, "student_sft", roles.student),
         (prefix_dir, "cold_start", roles.student),
-        (workdir, "distill", update.student_shape(roles)),
+        (workdir, "distill", update.student_shape(roles, cfg.learns_value)),
     ):
         loop.check_directory(directory / stage, fingerprint)
     mesh.barrier("workdir checked")  # nothing is written before every process checked
@@ -679,7 +679,9 @@ def run(
 
         optimizer = train_state.make_optimizer(optim, schedule.steps)
         seed = schedule.seed_of("distill")
-        state = update.create_state(roles, student_params, optimizer, seed, student_sharding)
+        state = update.create_state(
+            roles, student_params, optimizer, seed, student_sharding, cfg.value_optimizer()
+        )
         frozen_sharding = jax.tree.map(lambda x: x.sharding, frozen)
         shardings = update.step_shardings(state, frozen_sharding, placement)
         update_step = update.make_update_step(roles, cfg, optimizer, shardings, optim.grad_accum)
@@ -713,7 +715,7 @@ def run(
             if step % schedule.eval_every == 0 or step == schedule.steps:
                 r.score(f"student/eval/{step}", student_of(state), roles.student, spec)
 
-        shape, every = update.student_shape(roles), schedule.checkpoint_every
+        shape, every = update.student_shape(roles, cfg.learns_value), schedule.checkpoint_every
         stage = loop.Stage("distill", workdir / "distill", schedule.steps, every, shape)
         state = loop.run(stage, state, distill_step, writer, after_step)
         final_key = f"student_distilled/test/{schedule.steps}"

@@ -242,7 +242,21 @@ def _fixed_batch(tokenizer, student_config, student_params, rows=16):
     )
 
 
-@pytest.mark.parametrize("name", list(GIN_CHOICES))
+# Temporal credit and vocabulary routing on the sampled-token estimator: whether they
+# lower the per-token divergence in a few steps depends on the run (routing through a
+# near-uniform student's top-k can raise it), so the test asserts what they log instead.
+CREDIT_CHOICES = {
+    "pg-gae": ('divergence = "reverse_kl"', 'estimator = "pg"', 'credit = "gae"'),
+    "pg-routing": (
+        'divergence = "reverse_kl"',
+        'estimator = "pg"',
+        'routing = "overlap"',
+        "routing_top_k = 8",
+    ),
+}
+
+
+@pytest.mark.parametrize("name", [*GIN_CHOICES, *CREDIT_CHOICES])
 def test_every_objective_runs_end_to_end_from_gin(
     name, tiny_teacher_dir, tiny_student_dir, tmp_path
 ):
@@ -269,7 +283,7 @@ def test_every_objective_runs_end_to_end_from_gin(
         "MixtureConfig.on_policy_fraction = 1.0",
         "OptimizerConfig.learning_rate = 1e-3",
         "OptimizerConfig.warmup_steps = 0",
-        *(f"DistillConfig.{binding}" for binding in GIN_CHOICES[name]),
+        *(f"DistillConfig.{b}" for b in {**GIN_CHOICES, **CREDIT_CHOICES}[name]),
     ]
     _run(gkd_arithmetic.GIN_FILE, tmp_path, extra)
     records = reporting.read_metrics(tmp_path / "logs" / reporting.METRICS_FILE)
@@ -281,6 +295,13 @@ def test_every_objective_runs_end_to_end_from_gin(
     _, final = export.student_model(tmp_path)
     changed = jax.tree.map(lambda a, b: float(np.max(np.abs(a - b))), final, start)
     assert max(jax.tree.leaves(changed)) > 0, "distillation left the student unchanged"
+    if name == "pg-gae":  # the value head learns: its loss falls from its zero start
+        value_loss = [r["distill/value_loss"] for r in logged]
+        assert min(value_loss[-4:]) < value_loss[0], value_loss
+    if name == "pg-routing":  # some sampled tokens had a negative advantage and a route
+        assert max(r["distill/routed_fraction"] for r in logged) > 0
+    if name in CREDIT_CHOICES:
+        return
     exact_cfg = dataclasses.replace(distill.DistillConfig(), estimator="full", top_k=0)
     batch = _fixed_batch(tokenizer_lib.load(tiny_teacher_dir), student_config, start, rows=4)
 
