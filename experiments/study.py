@@ -27,7 +27,7 @@ if __name__ == "__main__":
             settings,
             gin_files,
             args.gin_param,
-            title=f"{settings.recipe} study",
+            title=f"{settings.recipe} {settings.name}",
         )
     except (config.ConfigError, mesh.MeshError) as err:
         sys.exit(f"error: {err}")

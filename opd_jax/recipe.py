@@ -59,6 +59,7 @@ from opd_jax import (
     train_state,
     update,
 )
+from opd_jax import probe as probe_lib
 from opd_jax import tokenizer as tokenizer_lib
 from opd_jax.model import ModelConfig, Params
 
@@ -477,16 +478,56 @@ class Run:
             self.writer.write(int(step[0]) if step else 0, scalars)
         return evals[key]
 
-    def _evaluate(
-        self, split: str, params: Params, model_config: ModelConfig, spec: data.BatchSpec
-    ) -> dict[str, Any]:
-        def generate(prompt_BxP: np.ndarray, valid_BxP: np.ndarray) -> list[str]:
+    def greedy(self, params: Params, model_config: ModelConfig) -> probe_lib.Generate:
+        """Greedy completions of host prompts, every one back on every process."""
+
+        def generate(prompt_BxP: np.ndarray, valid_BxP: np.ndarray):
             rng = jax.random.key(0)
             samples = sampling.generate(
                 params, prompt_BxP, valid_BxP, rng, model_config, self.sampler(), self.placement
             )
             samples = mesh.to_host(samples)
-            return self.decode(samples.tokens_BxN, samples.lengths_B)
+            return samples.tokens_BxN, samples.lengths_B
+
+        return generate
+
+    def probe_teacher(
+        self,
+        step: int,
+        settings: probe_lib.TeacherProbe,
+        student: tuple[Params, ModelConfig],
+        teacher: tuple[Params, ModelConfig],
+    ) -> None:
+        """`probe_lib.probe` on the first validation examples at this step, kept in
+        evals.json and logged as probe/teacher_from_student_<percent>_<metric>."""
+        key, evals = f"probe/{step}", self.evals[self.workdir]
+        if key not in evals:
+            size = self.schedule.eval_batch_size
+            specs = [
+                dataclasses.replace(s, batch_size=size, shuffle=False)
+                for s in (self.spec, self.teacher_spec)
+            ]
+            split = self.splits["eval"]
+            examples = [split[i] for i in range(min(settings.examples, len(split)))]
+            scores = probe_lib.probe(
+                self.greedy(*student), self.greedy(*teacher), examples, self.tokenizer, *specs,
+                settings.fractions, self.task.metric,
+            )  # fmt: skip
+            evals[key] = {str(fraction): metrics for fraction, metrics in scores.items()}
+            if reporting.is_main_process():
+                (self.workdir / "evals.json").write_text(json.dumps(evals, indent=2))
+        metric = self.task.primary_metric
+        scalars = {
+            f"probe/teacher_from_student_{round(100 * float(f))}pct_{metric}": m[metric]
+            for f, m in evals[key].items()
+        }
+        self.writer.write(step, scalars)
+
+    def _evaluate(
+        self, split: str, params: Params, model_config: ModelConfig, spec: data.BatchSpec
+    ) -> dict[str, Any]:
+        def generate(prompt_BxP: np.ndarray, valid_BxP: np.ndarray) -> list[str]:
+            return self.decode(*self.greedy(params, model_config)(prompt_BxP, valid_BxP))
 
         limit = {"eval": self.schedule.eval_examples, "test": self.schedule.test_examples}
         spec = dataclasses.replace(spec, batch_size=self.schedule.eval_batch_size, shuffle=False)
@@ -580,6 +621,7 @@ def run(
     task, models, schedule = Task(), Models(), Schedule()
     cfg, mixture, rollout_sampling = distill.DistillConfig(), gkd.MixtureConfig(), RolloutSampling()
     cold, selection = fixes.ColdStart(), fixes.PromptSelection()
+    teacher_probe = probe_lib.TeacherProbe()
     context = opsd.PrivilegedContext()
     self_teacher = opsd.SelfTeacher() if models.teacher is None else None
     lora_cfg = lora.LoraConfig() if models.use_lora else None
@@ -676,6 +718,9 @@ def run(
         start_test = r.score("student_start/test", student_params, roles.student, spec)
         r.score("teacher/eval", *teacher)
         r.score("student_start/eval", student_params, roles.student, spec)
+        if teacher_probe.every:
+            student_start = (student_params, roles.student)
+            r.probe_teacher(0, teacher_probe, student_start, (teacher_weights, roles.teacher))
 
         optimizer = train_state.make_optimizer(optim, schedule.steps)
         seed = schedule.seed_of("distill")
@@ -714,6 +759,10 @@ def run(
         def after_step(step, state):
             if step % schedule.eval_every == 0 or step == schedule.steps:
                 r.score(f"student/eval/{step}", student_of(state), roles.student, spec)
+            if teacher_probe.due(step, schedule.steps):
+                teacher_now = update.teacher_weights(roles, state, frozen)
+                student_now = (student_of(state), roles.student)
+                r.probe_teacher(step, teacher_probe, student_now, (teacher_now, roles.teacher))
 
         shape, every = update.student_shape(roles, cfg.learns_value), schedule.checkpoint_every
         stage = loop.Stage("distill", workdir / "distill", schedule.steps, every, shape)

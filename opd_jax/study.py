@@ -8,9 +8,10 @@ once. Seeds are `Schedule.distill_seed`: they vary the distillation stage's batc
 sampling from one shared start. All runs go through one process, so they also share its
 compiled programs.
 
-The study writes study.md / study.json (each arm's test metrics as mean ± standard
+The study writes <name>.md / <name>.json (each arm's test metrics as mean ± standard
 deviation over seeds, the teacher and the student before distillation once per prefix)
-and study.png (the primary metric per arm, each seed a dot).
+and <name>.png (the primary metric per arm, each seed a dot); `Study.name` is "study" by
+default.
 """
 
 from __future__ import annotations
@@ -38,9 +39,12 @@ AFTER = "student after distillation"
 class Study:
     """recipe: the experiment module (experiments/<recipe>.py) whose gin file configures
     every run, before the study's own files and bindings. grid: {"Class.field": [values]};
-    every combination is an arm. seeds: the `Schedule.distill_seed` of each arm's runs."""
+    every combination is an arm. seeds: the `Schedule.distill_seed` of each arm's runs.
+    name: the stem of the comparison's files, so several studies in one workdir (sharing
+    its prefix stages where they are configured alike) keep their own table and plot."""
 
     recipe: str = "gkd_arithmetic"
+    name: str = "study"
     grid: Mapping[str, Sequence[Any]] = dataclasses.field(default_factory=dict)
     seeds: Sequence[int] = (0, 1)
 
@@ -108,7 +112,7 @@ def run(
     metric = _primary_metric(gin_files, gin_params)
     table = comparison(runs)
     if reporting.is_main_process():
-        write(root, title, table, runs, metric)
+        write(root / study.name, title, table, runs, metric)
     return table
 
 
@@ -152,18 +156,19 @@ def _final(rows: Sequence[Mapping[str, Any]]) -> Mapping[str, Any]:
 
 
 def write(
-    root: pathlib.Path,
+    stem: pathlib.Path,
     title: str,
     table: Sequence[Mapping[str, Any]],
     runs: Sequence[Mapping[str, Any]],
     metric: str,
 ) -> None:
-    """study.md (the table), study.json (table and every run's rows) and study.png."""
-    root.mkdir(parents=True, exist_ok=True)
+    """<stem>.md (the table), <stem>.json (table and every run's rows) and <stem>.png."""
+    stem.parent.mkdir(parents=True, exist_ok=True)
     markdown = f"# {title}\n\nTest set; mean ± standard deviation over seeds.\n\n"
-    (root / "study.md").write_text(markdown + reporting.results_table(table) + "\n")
-    (root / "study.json").write_text(json.dumps({"table": table, "runs": list(runs)}, indent=2))
-    plot(runs, metric, root / "study.png", title)
+    stem.with_suffix(".md").write_text(markdown + reporting.results_table(table) + "\n")
+    runs_json = json.dumps({"table": table, "runs": list(runs)}, indent=2)
+    stem.with_suffix(".json").write_text(runs_json)
+    plot(runs, metric, stem.with_suffix(".png"), title)
 
 
 def plot(runs: Sequence[Mapping[str, Any]], metric: str, out_png: pathlib.Path, title: str) -> None:
