@@ -10,6 +10,8 @@ import logging
 import pathlib
 import sys
 
+import gin
+
 from opd_jax import config, mesh, study
 
 GIN_FILE = pathlib.Path(__file__).parent / "configs" / "study_lambda_objective.gin"
@@ -17,6 +19,7 @@ GIN_FILE = pathlib.Path(__file__).parent / "configs" / "study_lambda_objective.g
 if __name__ == "__main__":
     logging.basicConfig(level=logging.WARNING)
     config.enable_compilation_cache()
+    gin.add_config_file_search_path(str(GIN_FILE.parent))  # `include 'x.gin'` in variants
     args = config.parse(__doc__, default_gin_files=[str(GIN_FILE)])
     settings = study.Study()
     base = importlib.import_module(f"experiments.{settings.recipe}").GIN_FILE

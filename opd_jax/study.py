@@ -38,14 +38,17 @@ AFTER = "student after distillation"
 @dataclasses.dataclass(frozen=True)
 class Study:
     """recipe: the experiment module (experiments/<recipe>.py) whose gin file configures
-    every run, before the study's own files and bindings. grid: {"Class.field": [values]};
-    every combination is an arm. seeds: the `Schedule.distill_seed` of each arm's runs.
+    every run, before the study's own files and bindings. grid: {"Class.field": [values]}.
+    variants: named lists of gin bindings (an `include 'file.gin'` line among them), for
+    arms that differ in several settings at once. Every variant x every combination of
+    the grid's values is an arm. seeds: the `Schedule.distill_seed` of each arm's runs.
     name: the stem of the comparison's files, so several studies in one workdir (sharing
     its prefix stages where they are configured alike) keep their own table and plot."""
 
     recipe: str = "gkd_arithmetic"
     name: str = "study"
     grid: Mapping[str, Sequence[Any]] = dataclasses.field(default_factory=dict)
+    variants: Mapping[str, Sequence[str]] = dataclasses.field(default_factory=dict)
     seeds: Sequence[int] = (0, 1)
 
     def __post_init__(self):
@@ -57,25 +60,33 @@ class Study:
                     f"Study.grid[{name!r}]: want 'Class.field': [values], got {values!r}"
                 )
 
-    def arms(self) -> list[dict[str, Any]]:
-        """Each combination of the grid's values, as {"Class.field": value}."""
-        names = list(self.grid)
+    def arms(self) -> list[Arm]:
+        names, variants = list(self.grid), self.variants or {"": ()}
         return [
-            dict(zip(names, values, strict=True))
+            Arm(variant, tuple(variants[variant]), dict(zip(names, values, strict=True)))
+            for variant in variants
             for values in itertools.product(*self.grid.values())
         ]
 
 
-def arm_name(arm: Mapping[str, Any]) -> str:
-    """A readable directory name: "field=value" pairs ("base" for an empty grid)."""
-    parts = [f"{name.split('.')[-1]}={value}" for name, value in arm.items()]
-    return ",".join(parts).replace("/", "_").replace(" ", "") or "base"
+@dataclasses.dataclass(frozen=True)
+class Arm:
+    """One setting of a study: a variant's bindings and one value per grid entry."""
 
+    variant: str
+    variant_bindings: tuple[str, ...]
+    values: Mapping[str, Any]
 
-def bindings_of(arm: Mapping[str, Any], seed: int) -> list[str]:
-    return [f"{name} = {value!r}" for name, value in arm.items()] + [
-        f"Schedule.distill_seed = {seed}"
-    ]
+    @property
+    def name(self) -> str:
+        """A readable directory name: the variant, then "field=value" pairs."""
+        parts = [f"{name.split('.')[-1]}={value}" for name, value in self.values.items()]
+        parts = [self.variant] * bool(self.variant) + parts
+        return ",".join(parts).replace("/", "_").replace(" ", "") or "base"
+
+    def bindings(self, seed: int) -> list[str]:
+        grid = [f"{name} = {value!r}" for name, value in self.values.items()]
+        return [*self.variant_bindings, *grid, f"Schedule.distill_seed = {seed}"]
 
 
 def prefix_dir(root: pathlib.Path) -> pathlib.Path:
@@ -99,15 +110,15 @@ def run(
     for arm in study.arms():
         for seed in study.seeds:
             gin.clear_config()
-            config.apply_gin(gin_files, [*gin_params, *bindings_of(arm, seed)])
-            workdir, prefix = root / arm_name(arm) / f"seed{seed}", prefix_dir(root)
+            config.apply_gin(gin_files, [*gin_params, *arm.bindings(seed)])
+            workdir, prefix = root / arm.name / f"seed{seed}", prefix_dir(root)
             results = workdir / "results.json"
             if results.exists():  # finished before: the study resumes after it
                 rows = json.loads(results.read_text())
             else:
-                name = f"{title}: {arm_name(arm)} seed {seed}"
+                name = f"{title}: {arm.name} seed {seed}"
                 rows = recipe.run(workdir, title=name, prefix_dir=prefix)
-            runs.append({"arm": arm_name(arm), "seed": seed, "prefix": prefix.name, "rows": rows})
+            runs.append({"arm": arm.name, "seed": seed, "prefix": prefix.name, "rows": rows})
     gin.clear_config()
     metric = _primary_metric(gin_files, gin_params)
     table = comparison(runs)

@@ -3,13 +3,15 @@ distillation run once for all four, a finished study resumes without running any
 and the comparison gives each arm's mean and spread over its seeds."""
 
 import json
+import pathlib
 
+import gin
 import numpy as np
 import pytest
 from test_recipe import TINY
 
 from experiments import gkd_summarize
-from opd_jax import config, recipe, reporting, study
+from opd_jax import config, distill, recipe, reporting, study
 
 GRID = {"DistillConfig.divergence": ["forward_kl", "reverse_kl"]}
 
@@ -65,3 +67,27 @@ def test_a_bad_grid_is_a_one_line_error():
         study.Study(grid={"divergence": ["forward_kl"]})
     with pytest.raises(config.ConfigError, match="Study.seeds"):
         study.Study(seeds=())
+
+
+def test_variants_cross_the_grid_and_may_include_gin_files():
+    settings = study.Study(
+        grid={"Schedule.steps": [1, 2]},
+        variants={"official": ["include 'opsd_official.gin'"], "ours": []},
+    )
+    arms = settings.arms()
+    assert [arm.name for arm in arms] == [
+        "official,steps=1",
+        "official,steps=2",
+        "ours,steps=1",
+        "ours,steps=2",
+    ]
+    assert arms[1].bindings(seed=3) == [
+        "include 'opsd_official.gin'",
+        "Schedule.steps = 2",
+        "Schedule.distill_seed = 3",
+    ]
+    gin.add_config_file_search_path(str(pathlib.Path(gkd_summarize.GIN_FILE).parent))
+    config.apply_gin([], arms[1].bindings(seed=3))
+    official = distill.DistillConfig()
+    assert (official.divergence, official.beta, official.temperature) == ("jsd", 0.5, 1.1)
+    assert recipe.RolloutSampling() == recipe.RolloutSampling(1.1, top_k=20, top_p=0.95)
