@@ -203,13 +203,6 @@ def distill_tokens(records: Sequence[Mapping[str, Any]], fixed_source: str) -> d
     }
 
 
-def last_value(records: Sequence[Mapping[str, Any]], key: str) -> float | None:
-    """The value at the last step (records in step order) that logged `key`; None if none
-    did."""
-    values = [r[key] for r in records if key in r]
-    return values[-1] if values else None
-
-
 def phase_seconds(
     stage_dirs: Mapping[str, pathlib.Path], evals: Mapping[str, Mapping[str, Any]]
 ) -> dict[str, float | None]:
