@@ -9,9 +9,10 @@ sampling from one shared start. All runs go through one process, so they also sh
 compiled programs.
 
 The study writes <name>.md / <name>.json (each arm's test metrics as mean ± standard
-deviation over seeds, the teacher and the student before distillation once per prefix)
-and <name>.png (the primary metric per arm, each seed a dot); `Study.name` is "study" by
-default.
+deviation over seeds, the teacher and the student before distillation once per prefix),
+<name>.png (the primary metric per arm, each seed a dot) and <name>_curves.png (top-k
+overlap ratio and masses and the validation metric against step, a line per run, a
+color per arm); `Study.name` is "study" by default.
 """
 
 from __future__ import annotations
@@ -26,8 +27,6 @@ from typing import Any
 
 import gin
 import numpy as np
-from matplotlib.backends.backend_agg import FigureCanvasAgg
-from matplotlib.figure import Figure
 
 from opd_jax import config, recipe, reporting
 
@@ -123,7 +122,7 @@ def run(
     metric = _primary_metric(gin_files, gin_params)
     table = comparison(runs)
     if reporting.is_main_process():
-        write(root / study.name, title, table, runs, metric)
+        write(root, study.name, title, table, runs, metric)
     return table
 
 
@@ -166,28 +165,41 @@ def _final(rows: Sequence[Mapping[str, Any]]) -> Mapping[str, Any]:
     return next(row for row in rows if row["model"] == AFTER)
 
 
+CURVES = ("distill/overlap_ratio", "distill/overlap_mass_teacher", "distill/overlap_mass_student")
+
+
 def write(
-    stem: pathlib.Path,
+    root: pathlib.Path,
+    name: str,
     title: str,
     table: Sequence[Mapping[str, Any]],
     runs: Sequence[Mapping[str, Any]],
     metric: str,
 ) -> None:
-    """<stem>.md (the table), <stem>.json (table and every run's rows) and <stem>.png."""
-    stem.parent.mkdir(parents=True, exist_ok=True)
+    """<name>.md (the table), <name>.json (table and every run's rows), <name>.png (the
+    final metric per arm) and <name>_curves.png (diagnostics and validation per run)."""
+    stem = root / name
+    root.mkdir(parents=True, exist_ok=True)
     markdown = f"# {title}\n\nTest set; mean ± standard deviation over seeds.\n\n"
     stem.with_suffix(".md").write_text(markdown + reporting.results_table(table) + "\n")
     runs_json = json.dumps({"table": table, "runs": list(runs)}, indent=2)
     stem.with_suffix(".json").write_text(runs_json)
     plot(runs, metric, stem.with_suffix(".png"), title)
+    records = {
+        (r["arm"], r["seed"]): reporting.read_metrics(
+            root / r["arm"] / f"seed{r['seed']}" / "logs" / reporting.METRICS_FILE
+        )
+        for r in runs
+    }
+    keys = [*CURVES, f"eval/student_{metric}"]
+    plot_curves(records, keys, root / f"{name}_curves.png", title)
 
 
 def plot(runs: Sequence[Mapping[str, Any]], metric: str, out_png: pathlib.Path, title: str) -> None:
     """The distilled student's `metric` per arm (bar: mean; dots: seeds), with the
     students before distillation as dashed lines."""
     arms = list(dict.fromkeys(r["arm"] for r in runs))
-    fig = Figure(figsize=(1.5 + 1.2 * len(arms), 4), layout="constrained")
-    FigureCanvasAgg(fig)
+    fig = reporting.figure(1.5 + 1.2 * len(arms), 4)
     ax = fig.subplots()
     for position, arm in enumerate(arms):
         values = [_final(r["rows"])[metric] for r in runs if r["arm"] == arm]
@@ -204,4 +216,30 @@ def plot(runs: Sequence[Mapping[str, Any]], metric: str, out_png: pathlib.Path, 
     ax.set_xticks(range(len(arms)), arms, rotation=20, ha="right", fontsize=8)
     ax.set_ylabel(metric)
     ax.set_title(title)
-    fig.savefig(out_png, dpi=120)
+    reporting.save_png(fig, out_png)
+
+
+def plot_curves(
+    records: Mapping[tuple[str, int], Sequence[Mapping[str, Any]]],
+    keys: Sequence[str],
+    out_png: pathlib.Path,
+    title: str,
+) -> None:
+    """Each key against step, one line per run, a color per arm: the side-by-side view
+    of runs that work and runs that do not. Keys no run logged are left out."""
+    keys = [k for k in keys if any(k in r for run in records.values() for r in run)]
+    arms = list(dict.fromkeys(arm for arm, _ in records))
+    colors = {arm: f"C{i % 10}" for i, arm in enumerate(arms)}
+    fig = reporting.figure(7, 1 + 2.4 * max(len(keys), 1))
+    axes = fig.subplots(max(len(keys), 1), 1, sharex=True, squeeze=False)[:, 0]
+    for ax, key in zip(axes, keys, strict=False):
+        for (arm, seed), run in records.items():
+            if any(key in r for r in run):
+                label = arm if seed == min(s for a, s in records if a == arm) else None
+                reporting.plot_series(ax, run, key, color=colors[arm], label=label, alpha=0.8)
+        ax.set_title(key)
+        ax.grid(alpha=0.3)
+    axes[0].legend(fontsize=7)
+    axes[-1].set_xlabel("step")
+    fig.suptitle(title)
+    reporting.save_png(fig, out_png)

@@ -54,6 +54,7 @@ def test_a_study_shares_its_prefix_stages_and_resumes(tmp_path, monkeypatch):
     assert arms["divergence=reverse_kl"]["seeds"] == 2
     assert "divergence=reverse_kl" in (tmp_path / "study.md").read_text()
     assert (tmp_path / "study.png").stat().st_size > 0
+    assert (tmp_path / "study_curves.png").stat().st_size > 0
 
     def must_not_run(*args, **kwargs):
         raise AssertionError("a finished run was run again")
