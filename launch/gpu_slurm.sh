@@ -16,10 +16,21 @@
 # The #SBATCH lines above are defaults; flags given to sbatch override them. The
 # virtualenv (VENV, default .venv) is created on first use with jax[cuda12]. --workdir
 # must be on the shared filesystem: checkpoints are written by all processes together.
+# Every line of the log is led by its task's number (srun --label: "0: ...", "1: ...");
+# `grep '^1: ' opd-jax-JOBID.log` is one node's output. DRY_RUN=1 prints the commands.
 set -euo pipefail
 
+run() {
+  if [[ -n ${DRY_RUN:-} ]]; then
+    printf '%q ' "$@"
+    echo
+  else
+    "$@"
+  fi
+}
+
 if [[ $# -lt 1 ]]; then
-  sed -n '9,17p' "$0" >&2
+  sed -n '9,20p' "$0" >&2
   exit 2
 fi
 module=$1
@@ -27,7 +38,8 @@ shift
 cd "${SLURM_SUBMIT_DIR:-.}"
 venv=${VENV:-.venv}
 if [[ ! -x $venv/bin/python ]]; then
-  python3 -m venv "$venv"
-  "$venv/bin/pip" install -q -r requirements.txt "jax[cuda12]==$(sed -n 's/^jax==//p' requirements.txt)"
+  run python3 -m venv "$venv"
+  run "$venv/bin/pip" install -q -r requirements.txt \
+    "jax[cuda12]==$(sed -n 's/^jax==//p' requirements.txt)"
 fi
-srun --kill-on-bad-exit=1 "$venv/bin/python" -m "$module" --distributed "$@"
+run srun --label --kill-on-bad-exit=1 "$venv/bin/python" -m "$module" --distributed "$@"
