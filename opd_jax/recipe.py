@@ -79,7 +79,9 @@ class Task:
       `target_key`, or hold chat conversations in `messages_key`: a list of
       {role, content} whose final assistant turn is the target, the user turn before it
       the input, and the turns before that the prompt's history.
-    metric: "summarization" (ROUGE) or "math" (exact match of the `####` answer);
+    metric: a kind ("summarization": ROUGE and repetition; "math": exact match of the
+      `####` answer; "exact_match": of the whole text; "rouge"; "bleu" and "chrf" by
+      sacrebleu) or "module:function", the user's own (`evaluation.resolve_metric`);
       `primary_metric` is the one reported, plotted and, when RL is on, used as the
       reward (divided by 100).
     instruction: the user turn, with `{input}` where the example goes; None takes the
@@ -98,6 +100,9 @@ class Task:
     instruction: str | None = None
     system: str | None = None
     data_dir: str | None = None
+
+    def __post_init__(self):
+        evaluation.resolve_metric(self.metric)  # a bad name or import path fails at start-up
 
     def template(self) -> data.PromptTemplate:
         if self.messages_key is not None:

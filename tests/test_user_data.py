@@ -1,6 +1,6 @@
-"""A user's own data: JSONL, JSON, CSV, Parquet and `datasets` folders read through
-`load_split` into array_record, a chat messages column, rebuilds on edit, the one-line
-errors."""
+"""A user's own data and metrics: JSONL, JSON, CSV, Parquet and `datasets` folders read
+through `load_split` into array_record, a chat messages column, rebuilds on edit, the
+one-line errors, sacrebleu's BLEU and chrF, and a metric imported by path."""
 
 import csv
 import json
@@ -10,8 +10,9 @@ import re
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+import sacrebleu
 
-from opd_jax import config, data, recipe
+from opd_jax import config, data, evaluation, recipe
 
 ROWS = [{"question": f"Question {i}?", "answer": f"Answer {i}.", "n": i} for i in range(5)]
 PAIRS = sorted((r["question"], r["answer"]) for r in ROWS)
@@ -167,6 +168,26 @@ def test_messages_in_a_csv_cell_and_a_parquet_list(tmp_path):
         assert sorted(e["target"] for e in examples(split)) == ["Paris.", "Rome."]
 
 
+def test_task_reads_user_files_with_its_prompt_and_metric(tmp_path):
+    path = write_jsonl(tmp_path / "chat.jsonl", [{"messages": m} for m in CONVERSATIONS])
+    task = recipe.Task(
+        dataset=str(path),
+        train_split="train",
+        eval_split="train",
+        test_split="train",
+        messages_key="messages",
+        metric="exact_match",
+        primary_metric="exact_match",
+        data_dir=str(tmp_path / "tfds"),
+    )
+    splits = task.splits()
+    assert [len(s) for s in splits.values()] == [2, 2, 2]
+    assert task.template() == data.PromptTemplate("{input}", conversation=True)
+    example = splits["test"][0]
+    assert task.reward(f" {example['target'].lower()} ", example) == 1.0
+    assert task.reward("Madrid", example) == 0.0
+
+
 # ----------------------------------------------------------------------------- errors
 
 
@@ -255,3 +276,76 @@ def test_user_data_needs_an_instruction_with_input(tmp_path):
         task.template()
     with pytest.raises(config.ConfigError, match=re.escape("must contain {input} exactly once")):
         data.PromptTemplate("Answer the question.")
+
+
+# ----------------------------------------------------------------------------- metrics
+
+HYPOTHESES = ["the cat sat on the mat", "a quick brown fox jumps", "hello world"]
+REFERENCES = ["the cat is on the mat", "the quick brown fox jumped", "hello there world"]
+
+
+def test_bleu_and_chrf_are_sacrebleus_corpus_scores():
+    bleu = sacrebleu.corpus_bleu(HYPOTHESES, [REFERENCES]).score
+    chrf = sacrebleu.corpus_chrf(HYPOTHESES, [REFERENCES]).score
+    assert 0.0 < bleu < 100.0 and 0.0 < chrf < 100.0
+    assert evaluation.bleu(HYPOTHESES, REFERENCES) == {"bleu": pytest.approx(bleu)}
+    assert evaluation.chrf(HYPOTHESES, REFERENCES) == {"chrf": pytest.approx(chrf)}
+    # One prediction alone (a reward) gets sentence BLEU: as a corpus it has no 4-gram match.
+    assert sacrebleu.corpus_bleu(HYPOTHESES[2:], [REFERENCES[2:]]).score == 0.0
+    one = sacrebleu.sentence_bleu(HYPOTHESES[2], [REFERENCES[2]]).score
+    assert one > 0.0
+    assert evaluation.bleu(HYPOTHESES[2:], REFERENCES[2:]) == {"bleu": pytest.approx(one)}
+
+
+def test_metric_kinds_score_against_each_examples_target():
+    examples = [{"target": r} for r in REFERENCES]
+    scores = {
+        kind: evaluation.resolve_metric(kind)(HYPOTHESES, examples)
+        for kind in ("exact_match", "rouge", "bleu", "chrf")
+    }
+    assert scores["bleu"] == evaluation.bleu(HYPOTHESES, REFERENCES)
+    assert scores["chrf"] == evaluation.chrf(HYPOTHESES, REFERENCES)
+    assert scores["rouge"] == evaluation.rouge(HYPOTHESES, REFERENCES)
+    assert scores["exact_match"] == {"exact_match": 0.0}
+    same = evaluation.resolve_metric("exact_match")(
+        ["  Paris ", "rome!"], [{"target": "paris."}, {"target": "Rome"}]
+    )
+    assert same == {"exact_match": 100.0}
+    assert evaluation.text_exact_match(["Paris", "Pari s"], ["paris", "paris"]) == {
+        "exact_match": 50.0
+    }
+
+
+def test_user_metric_by_import_path_scores_and_rewards():
+    metric = evaluation.resolve_metric("user_metric:word_overlap")
+    examples = [{"target": "a b"}, {"target": "c d"}]
+    assert metric(["a b", "c x"], examples) == {"word_overlap": 75.0}
+    task = recipe.Task(metric="user_metric:word_overlap", primary_metric="word_overlap")
+    assert task.reward("a x", examples[0]) == 0.5
+
+
+@pytest.mark.parametrize(
+    ("path", "expected"),
+    [
+        (
+            "no_such_module:score",
+            "metric 'no_such_module:score': cannot import 'no_such_module': ModuleNotFoundError: No module named 'no_such_module'",
+        ),
+        (
+            "user_metric:nope",
+            "metric 'user_metric:nope': module 'user_metric' has no function 'nope'",
+        ),
+    ],
+)
+def test_bad_metric_path_is_one_line_at_start_up(path, expected):
+    with pytest.raises(config.ConfigError) as error:
+        recipe.Task(metric=path)
+    assert str(error.value).splitlines()[0] == expected  # gin appends its own line
+
+
+def test_user_metric_out_of_range_is_refused():
+    metric = evaluation.resolve_metric("user_metric:out_of_range")
+    with pytest.raises(
+        ValueError, match=re.escape("'user_metric:out_of_range' returned {'score': 150.0}")
+    ):
+        metric(["a"], [{"target": "a"}])
