@@ -5,6 +5,7 @@ one-line errors, sacrebleu's BLEU and chrF, and a metric imported by path."""
 import csv
 import json
 import os
+import pathlib
 import re
 
 import pyarrow as pa
@@ -12,6 +13,7 @@ import pyarrow.parquet as pq
 import pytest
 import sacrebleu
 
+from experiments import gkd_user_data
 from opd_jax import config, data, evaluation, recipe
 
 ROWS = [{"question": f"Question {i}?", "answer": f"Answer {i}.", "n": i} for i in range(5)]
@@ -186,6 +188,18 @@ def test_task_reads_user_files_with_its_prompt_and_metric(tmp_path):
     example = splits["test"][0]
     assert task.reward(f" {example['target'].lower()} ", example) == 1.0
     assert task.reward("Madrid", example) == 0.0
+
+
+def test_the_example_experiment_reads_its_data_file(tmp_path, monkeypatch):
+    monkeypatch.chdir(pathlib.Path(gkd_user_data.__file__).parents[1])  # paths are relative
+    monkeypatch.setenv("OPD_JAX_DATA", str(tmp_path))
+    config.apply_gin([str(gkd_user_data.GIN_FILE)], [])
+    task = recipe.Task()
+    splits = task.splits()
+    assert [len(s) for s in splits.values()] == [24, 8, 8]
+    example = splits["test"][0]
+    assert task.template().instruction.format_map(example).startswith("What is the capital of")
+    assert task.reward(example["target"], example) == 1.0
 
 
 # ----------------------------------------------------------------------------- errors
