@@ -1,18 +1,22 @@
-"""Data for distillation: loading TFDS splits by name, prompt templates, fixed-shape batches.
+"""Data for distillation: loading splits, prompt templates, fixed-shape batches.
 
 Everything is read through TFDS `as_data_source` over array_record files, the random-access
 path that needs no TensorFlow. Our own builders (`opd_jax.datasets`) are built from local
-files on first use; any other TFDS dataset (xsum, cnn_dailymail, ...) must already be
-prepared in `data_dir` in a random-access format: `tfds build --file_format=array_record`,
-or `tfds convert_format --out_file_format=array_record` for a tfrecord build.
+files on first use, and so are a user's own data files (`datasets.user_files`: JSONL,
+JSON, CSV, Parquet, a `datasets` save_to_disk folder); any other TFDS dataset (xsum,
+cnn_dailymail, ...) must already be prepared in `data_dir` in a random-access format:
+`tfds build --file_format=array_record`, or `tfds convert_format
+--out_file_format=array_record` for a tfrecord build.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import functools
+import json
 import os
 import pathlib
+import string
 from collections.abc import Mapping, Sequence
 from typing import Any, Protocol
 
@@ -20,16 +24,14 @@ import numpy as np
 import tensorflow_datasets as tfds
 from google.protobuf import json_format
 
-from opd_jax import datasets
+from opd_jax import config, datasets
+from opd_jax.datasets import user_files
+from opd_jax.datasets.base import DataError, MissingDatasetError, MissingFieldError
 
 # ----------------------------------------------------------------------------- loading
 
 # Default (input_key, target_key) for our builders; other datasets name theirs.
 DEFAULT_KEYS = {"aclsum": ("document", "summary"), "gsm_symbolic": ("question", "solution")}
-
-
-class MissingDatasetError(FileNotFoundError):
-    """The dataset is not prepared in data_dir (this module never downloads)."""
 
 
 class CorruptDatasetError(RuntimeError):
@@ -40,22 +42,42 @@ def _base_name(name: str) -> str:
     return name.split("/")[0].split(":")[0]
 
 
+def is_user_files(dataset: user_files.Dataset) -> bool:
+    """Whether `dataset` names a user's data files rather than a TFDS dataset; our own
+    builders' names are never paths."""
+    ours = isinstance(dataset, str) and _base_name(dataset) in DEFAULT_KEYS
+    return not ours and user_files.is_file_source(dataset)
+
+
+def _data_dir(data_dir: str | os.PathLike | None) -> pathlib.Path:
+    return pathlib.Path(data_dir or datasets.default_data_dir())
+
+
+def _prepared(builder: Any) -> Any:
+    """The builder, built from its local files first if it is not yet (never downloads)."""
+    if not builder.is_prepared():
+        download = tfds.download.DownloadConfig(try_download_gcs=False)
+        builder.download_and_prepare(download_config=download)
+    return builder
+
+
 def load_builder(name: str, data_dir: str | os.PathLike | None = None) -> Any:
     """A prepared TFDS builder. Our builders are built from local files on first use; any
     other dataset must already be prepared in data_dir."""
-    data_dir = pathlib.Path(data_dir or datasets.default_data_dir())
+    data_dir = _data_dir(data_dir)
+    missing = MissingDatasetError(
+        f"dataset {name!r} is not prepared in {data_dir}, and no data file or folder "
+        f"{os.path.abspath(name)} exists either"
+    )
     try:
         builder = tfds.builder(name, data_dir=str(data_dir))
-    except tfds.core.registered.DatasetNotFoundError as e:
-        raise MissingDatasetError(f"dataset {name!r} is not prepared in {data_dir}") from e
     except json_format.Error as e:
         raise CorruptDatasetError(f"dataset {name!r} in {data_dir} has bad metadata: {e}") from e
-    if not builder.is_prepared():
-        if _base_name(name) not in DEFAULT_KEYS:
-            raise MissingDatasetError(f"dataset {name!r} is not prepared in {data_dir}")
-        config = tfds.download.DownloadConfig(try_download_gcs=False)
-        builder.download_and_prepare(download_config=config)
-    return builder
+    except ValueError:  # an unknown name (its message lists TFDS's catalogue) or a bad one
+        raise missing from None
+    if not builder.is_prepared() and _base_name(name) not in DEFAULT_KEYS:
+        raise missing
+    return _prepared(builder)
 
 
 def _to_python(value: Any) -> Any:
@@ -98,23 +120,42 @@ class Split:
 
 
 def load_split(
-    name: str,
+    name: user_files.Dataset,
     split: str,
     data_dir: str | os.PathLike | None = None,
     input_key: str | None = None,
     target_key: str | None = None,
+    messages_key: str | None = None,
 ) -> Split:
-    """One split of a TFDS dataset by name ("xsum", "gsm_symbolic/chain_sum", ...), with the
-    feature keys that hold the model input and the reference output."""
-    builder = load_builder(name, data_dir)
-    default_input, default_target = DEFAULT_KEYS.get(_base_name(name), (None, None))
-    input_key, target_key = input_key or default_input, target_key or default_target
-    features = list(builder.info.features.keys())
-    for key in (input_key, target_key):
-        if key not in features:
-            raise KeyError(f"dataset {name!r} has no feature {key!r}; features: {features}")
-    files = tuple(str(path) for path in builder.info.splits[split].filepaths)
-    data = Split(name, split, files, builder.as_data_source(split), input_key, target_key)
+    """One split of a TFDS dataset by name ("xsum", "gsm_symbolic/chain_sum", ...) or of a
+    user's data files (a path, or {split: path}: `datasets.user_files`), with the fields
+    that hold the model input and the reference output, or for files a chat column
+    (`messages_key`) that holds both. `split` may be a TFDS slice: "train[:80%]"."""
+    data_dir = _data_dir(data_dir)
+    if is_user_files(name):
+        files_config = user_files.make_config(name, input_key, target_key, messages_key)
+        builder = _prepared(user_files.UserFiles(config=files_config, data_dir=str(data_dir)))
+        input_key, target_key = files_config.input_key, files_config.target_key
+    else:
+        if messages_key is not None:
+            raise DataError(f"messages_key reads data files; {name!r} is a TFDS dataset")
+        builder = load_builder(name, data_dir)
+        default_input, default_target = DEFAULT_KEYS.get(_base_name(name), (None, None))
+        input_key, target_key = input_key or default_input, target_key or default_target
+        features = list(builder.info.features.keys())
+        for key in (input_key, target_key):
+            if key not in features:
+                raise MissingFieldError(
+                    f"dataset {name!r} has no feature {key!r}; features: {features}"
+                )
+    try:
+        split_info = builder.info.splits[split]
+    except ValueError as e:  # an unknown split or a bad slice
+        hint = ' (one path is the split "train": slice it, e.g. "train[:80%]")'
+        message = str(e).splitlines()[0] + (hint if is_user_files(name) else "")
+        raise DataError(f"dataset {name!r}: {message}") from None
+    files = tuple(str(path) for path in split_info.filepaths)
+    data = Split(str(name), split, files, builder.as_data_source(split), input_key, target_key)
     if len(data):
         data[0]  # a missing or unreadable file fails here rather than mid-training
     return data
@@ -137,11 +178,23 @@ class Tokenizer(Protocol):
 @dataclasses.dataclass(frozen=True)
 class PromptTemplate:
     """`instruction` is the user turn, formatted with the example's fields; it must contain
-    `{input}` once. `chat=False` gives a plain BOS-prefixed string for base models."""
+    `{input}` once. `chat=False` gives a plain BOS-prefixed string for base models.
+    `conversation=True` puts the example's earlier chat turns (the `history` a messages
+    column is read into) before the user turn; `system`, when set, replaces their own
+    system turn."""
 
     instruction: str
     system: str | None = None
     chat: bool = True
+    conversation: bool = False
+
+    def __post_init__(self):
+        fields = [f for _, f, _, _ in string.Formatter().parse(self.instruction) if f]
+        if fields.count("input") != 1:
+            raise config.ConfigError(
+                "the instruction must contain {input} exactly once, where the example goes: "
+                f"{self.instruction!r}"
+            )
 
 
 SUMMARIZE_PAPER = PromptTemplate(
@@ -155,12 +208,25 @@ SOLVE_MATH = PromptTemplate(
 DEFAULT_TEMPLATES = {"aclsum": SUMMARIZE_PAPER, "gsm_symbolic": SOLVE_MATH}
 
 
+def default_template(dataset: user_files.Dataset) -> PromptTemplate | None:
+    """The prompt of one of our datasets; None for any other, which needs an instruction."""
+    return None if is_user_files(dataset) else DEFAULT_TEMPLATES.get(_base_name(dataset))
+
+
+def prompt_turns(example: Mapping[str, Any], template: PromptTemplate) -> list[dict[str, str]]:
+    """The prompt's chat turns: a system turn, a conversation's earlier turns, the user's."""
+    turns = json.loads(example[user_files.HISTORY]) if template.conversation else []
+    if template.system:
+        own = [t for t in turns if t["role"] != "system"]
+        turns = [{"role": "system", "content": template.system}, *own]
+    return [*turns, {"role": "user", "content": template.instruction.format_map(example)}]
+
+
 def render_prompt(
     example: Mapping[str, Any], template: PromptTemplate, tokenizer: Tokenizer
 ) -> str:
     """The prompt text, chat markup included, ending where the model's answer starts."""
-    system = [{"role": "system", "content": template.system}] if template.system else []
-    messages = [*system, {"role": "user", "content": template.instruction.format_map(example)}]
+    messages = prompt_turns(example, template)
     if template.chat:
         return tokenizer.apply_chat_template(messages, add_generation_prompt=True)
     return "\n\n".join(m["content"] for m in messages) + "\n\n"
@@ -181,13 +247,10 @@ def encode_prompt(
     ids = tokenizer.encode(render_prompt(example, template, tokenizer), add_bos=add_bos)
     if max_len is None or len(ids) <= max_len:
         return ids
-    head, *tail = render_prompt({**example, "input": _INPUT_MARK}, template, tokenizer).split(
-        _INPUT_MARK
-    )
-    if len(tail) != 1:
-        raise ValueError(f"template must contain {{input}} exactly once: {template}")
+    marked = render_prompt({**example, "input": _INPUT_MARK}, template, tokenizer)
+    head, tail = marked.split(_INPUT_MARK)  # the template holds {input} once
     head_ids = tokenizer.encode(head, add_bos=add_bos)
-    tail_ids = tokenizer.encode(tail[0], add_bos=False)
+    tail_ids = tokenizer.encode(tail, add_bos=False)
     budget = max_len - len(head_ids) - len(tail_ids)
     if budget < 0:
         raise ValueError(f"the template alone is {max_len - budget} tokens > {max_len}")

@@ -1,4 +1,5 @@
-"""Evaluation of generated completions against references.
+"""Evaluation of generated completions against references: ROUGE, BLEU, chrF, exact
+match, or the user's own metric.
 
 Generation goes through a caller-supplied `generate_fn`, so evaluation runs the very jitted
 sampler that training uses without this module knowing about models. Every batch has the
@@ -9,14 +10,18 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import importlib
+import numbers
 import time
+import unicodedata
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any, NamedTuple
 
 import numpy as np
+import sacrebleu
 from rouge_score import rouge_scorer
 
-from opd_jax import data, datasets
+from opd_jax import config, data, datasets
 from opd_jax.datasets import gsm_symbolic
 
 ROUGE_TYPES = ("rouge1", "rouge2", "rougeL")
@@ -104,16 +109,106 @@ def summarization_metric(
     return {**rouge(predictions, [e["target"] for e in examples]), **repetition(predictions)}
 
 
-# Task kind -> metric, so an experiment names its metric in gin ("summarization", "math").
-METRICS: dict[str, Metric] = {"summarization": summarization_metric, "math": exact_match}
+def _normalized(text: str) -> str:
+    """Lowercased, punctuation dropped, whitespace collapsed: "Paris." is "paris"."""
+    kept = "".join(c for c in text.lower() if not unicodedata.category(c).startswith("P"))
+    return " ".join(kept.split())
+
+
+def text_exact_match(predictions: Sequence[str], references: Sequence[str]) -> dict[str, float]:
+    """Percentage of predictions equal to their reference, ignoring case, punctuation and
+    spacing (the `####` answer of a math task is `exact_match`'s)."""
+    _check_lengths(predictions, references)
+    pairs = zip(predictions, references, strict=True)
+    matches = [_normalized(p) == _normalized(r) for p, r in pairs]
+    return {"exact_match": 100.0 * float(np.mean(matches))}
+
+
+def bleu(predictions: Sequence[str], references: Sequence[str]) -> dict[str, float]:
+    """sacrebleu's corpus BLEU (13a tokens, exp smoothing). One prediction alone, as a
+    reward is, gets its sentence BLEU (effective n-gram order): a short sentence without
+    a 4-gram match would otherwise always score 0."""
+    _check_lengths(predictions, references)
+    if len(predictions) == 1:
+        return {"bleu": sacrebleu.sentence_bleu(predictions[0], [references[0]]).score}
+    return {"bleu": sacrebleu.corpus_bleu(list(predictions), [list(references)]).score}
+
+
+def chrf(predictions: Sequence[str], references: Sequence[str]) -> dict[str, float]:
+    """sacrebleu's corpus chrF (character 6-grams, beta 2)."""
+    _check_lengths(predictions, references)
+    return {"chrf": sacrebleu.corpus_chrf(list(predictions), [list(references)]).score}
+
+
+def against_targets(score: Callable[[Sequence[str], Sequence[str]], dict[str, float]]) -> Metric:
+    """A metric of (predictions, references) as one of (predictions, examples): each
+    example's reference is its `target`."""
+
+    def metric(predictions: Sequence[str], examples: Sequence[Mapping[str, Any]]):
+        return score(predictions, [e["target"] for e in examples])
+
+    return metric
+
+
+# Task kind -> metric, so an experiment names its metric in gin ("summarization", "bleu").
+METRICS: dict[str, Metric] = {
+    "summarization": summarization_metric,
+    "math": exact_match,
+    "exact_match": against_targets(text_exact_match),
+    "rouge": against_targets(rouge),
+    "bleu": against_targets(bleu),
+    "chrf": against_targets(chrf),
+}
+
+
+def _checked(function: Callable[..., Any], path: str) -> Metric:
+    """The user's metric, its output checked: a score outside [0, 100] would silently
+    make a reward outside [0, 1]."""
+
+    def metric(predictions: Sequence[str], examples: Sequence[Mapping[str, Any]]):
+        scores = function(predictions, examples)
+        valid = isinstance(scores, Mapping) and all(
+            isinstance(v, numbers.Real) and 0.0 <= v <= 100.0 for v in scores.values()
+        )
+        if not valid:
+            raise ValueError(
+                f"metric {path!r} returned {scores!r}, not {{name: value in [0, 100]}}"
+            )
+        return {name: float(value) for name, value in scores.items()}
+
+    return metric
+
+
+@functools.cache
+def _import_metric(path: str) -> Metric:
+    module_name, _, function_name = path.partition(":")
+    try:
+        module = importlib.import_module(module_name)
+    except Exception as err:  # the user's module: any error in it
+        reason = " ".join(f"{type(err).__name__}: {err}".split())
+        raise config.ConfigError(
+            f"metric {path!r}: cannot import {module_name!r}: {reason}"
+        ) from None
+    function = getattr(module, function_name, None)
+    if not callable(function):
+        raise config.ConfigError(
+            f"metric {path!r}: module {module_name!r} has no function {function_name!r}"
+        )
+    return _checked(function, path)
 
 
 def resolve_metric(metric: str | Metric) -> Metric:
-    """A metric by its task kind, or the callable itself."""
+    """A metric by its kind (`METRICS`), the user's own by import path "module:function"
+    (called as function(predictions, examples) -> {name: value in [0, 100]}, each example
+    a dict of its fields with `input` and `target`), or the callable itself."""
     if callable(metric):
         return metric
+    if ":" in metric:
+        return _import_metric(metric)
     if metric not in METRICS:
-        raise KeyError(f"unknown metric {metric!r}; known: {sorted(METRICS)}")
+        raise config.ConfigError(
+            f"unknown metric {metric!r}; known: {sorted(METRICS)}, or 'module:function'"
+        )
     return METRICS[metric]
 
 

@@ -71,42 +71,57 @@ CUT_POLICIES = ("warn", "refuse")
 class Task:
     """The dataset, its prompt and how outputs are scored.
 
-    dataset: a TFDS name ("aclsum", "gsm_symbolic/chain_sum", or any prepared dataset
-      with `input_key` / `target_key`). metric: "summarization" (ROUGE) or "math" (exact
-      match of the `####` answer); `primary_metric` is the one reported, plotted and, when
-      RL is on, used as the reward (divided by 100).
+    dataset: a TFDS name ("aclsum", "gsm_symbolic/chain_sum", or any prepared dataset with
+      `input_key` / `target_key`), or the user's own data files (`datasets.user_files`):
+      a path (.jsonl, .json, .csv, .parquet file, glob, folder, or a `datasets`
+      save_to_disk folder), whose rows are the split "train" (slice it into the others:
+      "train[:80%]"), or {split: path}. Files name their columns in `input_key` /
+      `target_key`, or hold chat conversations in `messages_key`: a list of
+      {role, content} whose final assistant turn is the target, the user turn before it
+      the input, and the turns before that the prompt's history.
+    metric: a kind ("summarization": ROUGE and repetition; "math": exact match of the
+      `####` answer; "exact_match": of the whole text; "rouge"; "bleu" and "chrf" by
+      sacrebleu) or "module:function", the user's own (`evaluation.resolve_metric`);
+      `primary_metric` is the one reported, plotted and, when RL is on, used as the
+      reward (divided by 100).
     instruction: the user turn, with `{input}` where the example goes; None takes the
-      dataset's default prompt.
+      dataset's default prompt, or for a conversation its own user turn.
     """
 
-    dataset: str = "aclsum"
+    dataset: str | dict[str, str] = "aclsum"
     train_split: str = "train"
     eval_split: str = "validation"
     test_split: str = "test"
     input_key: str | None = None
     target_key: str | None = None
+    messages_key: str | None = None
     metric: str = "summarization"
     primary_metric: str = "rougeL"
     instruction: str | None = None
     system: str | None = None
     data_dir: str | None = None
 
+    def __post_init__(self):
+        evaluation.resolve_metric(self.metric)  # a bad name or import path fails at start-up
+
     def template(self) -> data.PromptTemplate:
+        if self.messages_key is not None:
+            instruction = self.instruction or "{input}"
+            return data.PromptTemplate(instruction, self.system, conversation=True)
         if self.instruction is None:
-            base = self.dataset.split("/")[0]
-            if base not in data.DEFAULT_TEMPLATES:
+            default = data.default_template(self.dataset)
+            if default is None:
                 raise config.ConfigError(
                     f"Task.instruction: dataset {self.dataset!r} has no default prompt; set one "
                     "with {input} where the example goes"
                 )
-            default = data.DEFAULT_TEMPLATES[base]
             return dataclasses.replace(default, system=self.system or default.system)
         return data.PromptTemplate(self.instruction, self.system)
 
     def splits(self) -> dict[str, data.Split]:
         """The "train", "eval" and "test" splits."""
         named = {"train": self.train_split, "eval": self.eval_split, "test": self.test_split}
-        where = (self.data_dir, self.input_key, self.target_key)
+        where = (self.data_dir, self.input_key, self.target_key, self.messages_key)
         return {name: data.load_split(self.dataset, split, *where) for name, split in named.items()}
 
     def reward(self, text: str, example: Mapping[str, Any]) -> float:

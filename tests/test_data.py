@@ -197,7 +197,7 @@ def test_load_split_reads_any_prepared_dataset_by_name_and_keys(tmp_path):
     loaded = data.load_split("toy_news", "test", tmp_path, "article", "highlights")
     pairs = sorted((e["input"], e["target"]) for e in (loaded[i] for i in range(len(loaded))))
     assert pairs == [(f"Article {i} about the news.", f"News {i}.") for i in range(5)]
-    with pytest.raises(KeyError, match="summary.*article"):
+    with pytest.raises(data.MissingFieldError, match="summary.*article"):
         data.load_split("toy_news", "test", tmp_path, "article", "summary")
 
 

@@ -6,7 +6,7 @@ import pytest
 import tokenizers
 from rouge_score import rouge_scorer
 
-from opd_jax import data, evaluation
+from opd_jax import config, data, evaluation
 
 SPECIALS = ["<pad>", "<s>", "</s>", "<|im_start|>", "<|im_end|>"]
 CORPUS = [
@@ -163,7 +163,7 @@ def test_metrics_are_named_by_task_kind():
     assert summarize(["a b c"], [{"target": "a b c"}])["rougeL"] == pytest.approx(100.0)
     custom = lambda predictions, examples: {"n": len(predictions)}
     assert evaluation.resolve_metric(custom) is custom
-    with pytest.raises(KeyError, match="translation.*math.*summarization"):
+    with pytest.raises(config.ConfigError, match="translation.*math.*summarization"):
         evaluation.resolve_metric("translation")
 
 

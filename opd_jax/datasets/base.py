@@ -1,4 +1,5 @@
-"""What our TFDS builders share: the array_record file format and where data lives."""
+"""What our TFDS builders share: the array_record file format, where data lives, and the
+errors that bad data settings raise."""
 
 from __future__ import annotations
 
@@ -8,8 +9,23 @@ from typing import Any
 
 import tensorflow_datasets as tfds
 
+from opd_jax import config
+
 DATA_DIR_ENV = "OPD_JAX_DATA"
 FILE_FORMAT = "array_record"  # random access without TensorFlow; grain reads it as well
+
+
+class DataError(config.ConfigError):
+    """Data that cannot be read as asked. A config error: an entry point prints its one-line
+    message, which names the dataset, file, row or field, instead of a traceback."""
+
+
+class MissingDatasetError(DataError, FileNotFoundError):
+    """Neither a prepared TFDS dataset (nothing here downloads) nor an existing data file."""
+
+
+class MissingFieldError(DataError):
+    """A named field (feature or column) that the dataset does not have."""
 
 
 class LocalBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
