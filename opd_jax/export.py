@@ -22,8 +22,9 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import orbax.checkpoint as ocp
+from etils import epath
 
-from opd_jax import assets, checkpoints, loop, lora, model
+from opd_jax import assets, checkpoints, loop, lora, model, paths
 from opd_jax import tokenizer as tokenizer_lib
 from opd_jax.model import ModelConfig, Params
 
@@ -74,14 +75,14 @@ def _portable_spec(spec: str | pathlib.Path) -> str:
 
 
 def write_manifest(
-    workdir: str | pathlib.Path,
+    workdir: epath.PathLike,
     source: str | pathlib.Path,
     stages: Sequence[tuple[str, str]],
     *,
     tokenizer: str | pathlib.Path | None = None,
     layers: Sequence[int] | None = None,
     lora_config: lora.LoraConfig | None = None,
-) -> pathlib.Path:
+) -> epath.Path:
     """Writes `student.json` for a run; `stages` are (stage directory name, "full" | "lora")
     in the order they train the student. The tokenizer defaults to the source's."""
     manifest = StudentManifest(
@@ -91,7 +92,7 @@ def write_manifest(
         lora=lora_config,
         stages=tuple(StageParams(name, kind) for name, kind in stages),
     )
-    path = pathlib.Path(workdir) / MANIFEST_FILE
+    path = paths.as_path(workdir) / MANIFEST_FILE
     path.parent.mkdir(parents=True, exist_ok=True)
     partial = path.with_suffix(".json.tmp")  # renamed whole, so a reader never sees half a file
     partial.write_text(json.dumps(dataclasses.asdict(manifest), indent=2))
@@ -99,8 +100,8 @@ def write_manifest(
     return path
 
 
-def read_manifest(workdir: str | pathlib.Path) -> StudentManifest:
-    workdir = pathlib.Path(workdir)
+def read_manifest(workdir: epath.PathLike) -> StudentManifest:
+    workdir = paths.as_path(workdir)
     if not workdir.is_dir():
         raise ExportError(f"{workdir}: no such workdir")
     path = workdir / MANIFEST_FILE
@@ -132,7 +133,7 @@ def _first_line(err: BaseException) -> str:
     return f"{type(err).__name__}: {lines[0] if lines else ''}"
 
 
-def _check_shapes(directory: pathlib.Path, step: int, saved: Any, abstract: Params) -> None:
+def _check_shapes(directory: epath.Path, step: int, saved: Any, abstract: Params) -> None:
     """Orbax restores a subtree it does not find as its abstract value, so the saved
     params must be checked against the student before anything is read."""
     leaves = jax.tree_util.tree_leaves_with_path
@@ -159,7 +160,7 @@ def _restore_step(mngr: ocp.CheckpointManager, step: int, abstract: Params) -> P
     return mngr.restore(step, args=ocp.args.Composite(**{item: restore}))[item]["params"]
 
 
-def restore_params(directory: pathlib.Path, abstract: Params) -> Params | None:
+def restore_params(directory: epath.Path, abstract: Params) -> Params | None:
     """The params of the stage's newest readable checkpoint (float32, on the host), or None
     when the stage has none yet. A damaged step falls back to the one before it, as a
     resumed run does."""
@@ -170,7 +171,9 @@ def restore_params(directory: pathlib.Path, abstract: Params) -> Params | None:
     options = ocp.CheckpointManagerOptions(read_only=True)
     handlers = {loop.STATE_ITEM: ocp.PyTreeCheckpointHandler()}
     try:
-        mngr = ocp.CheckpointManager(directory.absolute(), options=options, item_handlers=handlers)
+        mngr = ocp.CheckpointManager(
+            paths.absolute(directory), options=options, item_handlers=handlers
+        )
         steps = sorted(mngr.all_steps(), reverse=True)
     except Exception as err:  # Orbax reports a bad directory with many exception types
         raise ExportError(f"{directory}: not a checkpoint directory ({_first_line(err)})") from None
@@ -188,10 +191,10 @@ def restore_params(directory: pathlib.Path, abstract: Params) -> Params | None:
     return None
 
 
-def student_model(workdir: str | pathlib.Path) -> tuple[ModelConfig, Params]:
+def student_model(workdir: epath.PathLike) -> tuple[ModelConfig, Params]:
     """The run's student as it stands: its source, cut to the kept layers, then each
     stage's newest params in order (adapters merged), float32."""
-    workdir = pathlib.Path(workdir)
+    workdir = paths.as_path(workdir)
     manifest = read_manifest(workdir)
     config, params = checkpoints.load(manifest.source)
     if manifest.layers is not None:
@@ -211,7 +214,7 @@ def student_model(workdir: str | pathlib.Path) -> tuple[ModelConfig, Params]:
 # ----------------------------------------------------------------------------- export
 
 
-def export(workdir: str | pathlib.Path, out: str | pathlib.Path) -> pathlib.Path:
+def export(workdir: epath.PathLike, out: str | pathlib.Path) -> pathlib.Path:
     """Writes the run's student (adapters merged) as a Hugging Face model directory; the
     manifest, tokenizer and checkpoints are all read before anything is written."""
     tok = tokenizer_lib.load(read_manifest(workdir).tokenizer)

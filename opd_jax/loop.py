@@ -25,7 +25,6 @@ import contextlib
 import dataclasses
 import json
 import logging
-import pathlib
 import signal
 import time
 from collections.abc import Callable, Iterator
@@ -33,8 +32,9 @@ from typing import Any
 
 import jax
 import orbax.checkpoint as ocp
+from etils import epath
 
-from opd_jax import reporting
+from opd_jax import paths, reporting
 from opd_jax.train_state import TrainState, raise_if_not_finite
 
 # A ModelConfig, or any dataclass holding one with what else shapes the saved params
@@ -55,14 +55,14 @@ def fingerprint(config: Architecture) -> dict[str, Any]:
     return json.loads(json.dumps(dataclasses.asdict(config)))
 
 
-def manager(directory: str | pathlib.Path, max_to_keep: int = 2) -> ocp.CheckpointManager:
+def manager(directory: epath.PathLike, max_to_keep: int = 2) -> ocp.CheckpointManager:
     """Keeps the newest two steps: a 135M model's state with AdamW moments is 1.6 GB, and
     Orbax commits a step atomically, so one complete step before the newest is enough."""
     options = ocp.CheckpointManagerOptions(
         max_to_keep=max_to_keep, create=True, enable_async_checkpointing=False
     )
     return ocp.CheckpointManager(
-        pathlib.Path(directory).absolute(), options=options, item_names=(STATE_ITEM, _FINGERPRINT)
+        paths.absolute(directory), options=options, item_names=(STATE_ITEM, _FINGERPRINT)
     )
 
 
@@ -89,10 +89,10 @@ def _check_fingerprint(mngr: ocp.CheckpointManager, step: int, config: Architect
         )
 
 
-def check_directory(directory: str | pathlib.Path, config: Architecture) -> None:
+def check_directory(directory: epath.PathLike, config: Architecture) -> None:
     """Raises CheckpointMismatchError if `directory` holds another model's checkpoints;
     an experiment calls it for every stage before it writes anything to the workdir."""
-    if pathlib.Path(directory).exists():
+    if paths.as_path(directory).exists():
         mngr = manager(directory)
         for step in mngr.all_steps():
             _check_fingerprint(mngr, step, config)
@@ -140,7 +140,7 @@ AfterStep = Callable[[int, TrainState], None]
 class Preempted(SystemExit):
     """SIGTERM arrived; the state was checkpointed and rerunning the command resumes."""
 
-    def __init__(self, step: int, directory: pathlib.Path) -> None:
+    def __init__(self, step: int, directory: epath.Path) -> None:
         super().__init__(
             f"preempted at step {step}; checkpoint saved in {directory}, rerun to resume"
         )
@@ -166,15 +166,15 @@ class Stage:
     """name: prefix of its scalars and the name of its checkpoint directory."""
 
     name: str
-    directory: pathlib.Path
+    directory: epath.Path
     num_steps: int
     checkpoint_every: int
     model_config: Architecture
 
 
-def recorded_seconds(directory: str | pathlib.Path) -> float:
+def recorded_seconds(directory: epath.PathLike) -> float:
     """The stage's wall time recorded so far over all its segments; 0 in a fresh workdir."""
-    path = pathlib.Path(directory) / WALL_TIME_FILE
+    path = paths.as_path(directory) / WALL_TIME_FILE
     return float(json.loads(path.read_text())["seconds"]) if path.exists() else 0.0
 
 
@@ -186,7 +186,7 @@ class _WallClock:
     spent on the stage, redone steps included; a killed process loses at most the step
     it was in. Only process 0 writes the file."""
 
-    def __init__(self, directory: pathlib.Path) -> None:
+    def __init__(self, directory: epath.Path) -> None:
         self.path = directory / WALL_TIME_FILE
         self.before = recorded_seconds(directory)
         self.began = time.perf_counter()
@@ -248,6 +248,7 @@ def run(
             last = done == stage.num_steps
             if last or sigterm["requested"] or done % stage.checkpoint_every == 0:
                 save(mngr, done, state, stage.model_config)
+                writer.flush()  # a remote workdir's logs keep up with its checkpoints
             times = {"step_seconds": seconds, "wall_seconds": clock.record()}
             writer.write(done, {f"{stage.name}/{k}": v for k, v in times.items()})
             if sigterm["requested"] and not last:

@@ -1,14 +1,17 @@
 """What a researcher looks at: TensorBoard scalars, an append-only metrics.jsonl that plots
 and tables can be rebuilt from, a markdown results table, curve plots, a progress bar.
 
-In multi-host runs only process 0 writes; the others get disabled writers and bars.
+In multi-host runs only process 0 writes; the others get disabled writers and bars. Every
+file goes through `etils.epath`, so a workdir may be local or remote (`gs://`, `opd_jax.paths`).
 """
 
 from __future__ import annotations
 
+import io
 import json
-import os
 import pathlib
+import shutil
+import tempfile
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
@@ -16,8 +19,11 @@ import jax
 import numpy as np
 import tensorboardX
 import tqdm
+from etils import epath
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
+
+from opd_jax import paths
 
 METRICS_FILE = "metrics.jsonl"
 SAMPLE_INPUT_CHARS = 1500  # documents run to thousands of words; the report shows their start
@@ -43,22 +49,32 @@ class MetricsWriter:
 
     The jsonl is appended to, so a resumed run continues the same file; each line is flushed
     as written, so an interrupted run loses at most the line being written. `enabled`
-    defaults to process 0 only; a disabled writer creates and writes nothing."""
+    defaults to process 0 only; a disabled writer creates and writes nothing.
 
-    def __init__(self, logdir: str | os.PathLike, enabled: bool | None = None) -> None:
-        self.logdir = pathlib.Path(logdir)
+    A remote `logdir` (`gs://`): object stores cannot append and tensorboardX cannot reach
+    them without extra packages, so both files are written to a local staging folder,
+    which starts from the remote metrics.jsonl and is copied there on every `flush` (the
+    run loop flushes at each checkpoint) and on `close`."""
+
+    def __init__(self, logdir: epath.PathLike, enabled: bool | None = None) -> None:
+        self.logdir = paths.as_path(logdir)
         self.enabled = is_main_process() if enabled is None else enabled
         if not self.enabled:
             return
         self.logdir.mkdir(parents=True, exist_ok=True)
-        path = self.logdir / METRICS_FILE
+        remote = not paths.is_local(self.logdir)
+        self._staging = pathlib.Path(tempfile.mkdtemp(prefix="logs-")) if remote else None
+        local = self._staging or pathlib.Path(self.logdir)
+        path = local / METRICS_FILE
+        if remote and (self.logdir / METRICS_FILE).exists():
+            path.write_bytes((self.logdir / METRICS_FILE).read_bytes())
         with path.open("a+b") as f:  # a line left unfinished by an interrupted run is cut,
             f.seek(0)  # so appending starts a fresh line
             content = f.read()
             if content and not content.endswith(b"\n"):
                 f.truncate(content.rfind(b"\n") + 1)
         self._jsonl = path.open("a", encoding="utf-8")
-        self._tensorboard = tensorboardX.SummaryWriter(str(self.logdir))
+        self._tensorboard = tensorboardX.SummaryWriter(str(local))
 
     def write(self, step: int, scalars: Mapping[str, Any]) -> None:
         if not self.enabled:
@@ -75,12 +91,26 @@ class MetricsWriter:
         if self.enabled:
             self._jsonl.flush()
             self._tensorboard.flush()
+            self._upload()
 
     def close(self) -> None:
         if self.enabled:
             self._jsonl.close()
             self._tensorboard.close()
+            self._upload()
+            if self._staging is not None:
+                shutil.rmtree(self._staging)
             self.enabled = False
+
+    def _upload(self) -> None:
+        """Copies the staged files of a remote logdir there, whole (no store appends)."""
+        if self._staging is None:
+            return
+        for staged in self._staging.rglob("*"):
+            if staged.is_file():
+                target = self.logdir / str(staged.relative_to(self._staging))
+                target.parent.mkdir(parents=True, exist_ok=True)
+                target.write_bytes(staged.read_bytes())
 
     def __enter__(self) -> MetricsWriter:
         return self
@@ -89,11 +119,11 @@ class MetricsWriter:
         self.close()
 
 
-def read_metrics(path: str | os.PathLike) -> list[dict[str, Any]]:
+def read_metrics(path: epath.PathLike) -> list[dict[str, Any]]:
     """One record per step, sorted by step, with the last value logged for each key: a
     resumed run that re-logs a step overrides what the interrupted run wrote. An unfinished
     final line (a run killed mid-write) is skipped; a bad line elsewhere is an error."""
-    lines = pathlib.Path(path).read_text(encoding="utf-8").split("\n")
+    lines = paths.as_path(path).read_text(encoding="utf-8").split("\n")
     by_step: dict[int, dict[str, Any]] = {}
     for number, line in enumerate(lines, start=1):
         if not line.strip():
@@ -154,13 +184,13 @@ def samples_markdown(name: str, samples: Iterable[Sequence[str]]) -> str:
 
 
 def write_results(
-    workdir: str | os.PathLike,
+    workdir: epath.PathLike,
     rows: Sequence[Mapping[str, Any]],
     samples: Mapping[str, Iterable[Sequence[str]]] | None = None,
-) -> pathlib.Path:
+) -> epath.Path:
     """Writes `results.md` (the table, then samples per model) and `results.json` (the rows);
     returns the markdown path."""
-    workdir = pathlib.Path(workdir)
+    workdir = paths.as_path(workdir)
     workdir.mkdir(parents=True, exist_ok=True)
     sections = ["# Results", results_table(rows)]
     sections += [samples_markdown(name, triples) for name, triples in (samples or {}).items()]
@@ -188,19 +218,22 @@ def plot_series(ax: Any, records: Sequence[Mapping[str, Any]], key: str, **line:
     ax.plot(steps, values, marker="." if len(steps) <= 50 else None, **line)
 
 
-def save_png(fig: Figure, out_png: str | os.PathLike) -> pathlib.Path:
-    out_png = pathlib.Path(out_png)
+def save_png(fig: Figure, out_png: epath.PathLike) -> epath.Path:
+    """Rendered in memory, then written whole: matplotlib writes local files only."""
+    out_png = paths.as_path(out_png)
     out_png.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(out_png, dpi=120)
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png", dpi=120)
+    out_png.write_bytes(buffer.getvalue())
     return out_png
 
 
 def plot_curves(
     records: Sequence[Mapping[str, Any]],
     metric_keys: Sequence[str],
-    out_png: str | os.PathLike,
+    out_png: epath.PathLike,
     title: str = "Training curves",
-) -> pathlib.Path:
+) -> epath.Path:
     """One subplot per key against step, stacked with a shared step axis, saved as PNG."""
     missing = [key for key in metric_keys if not any(key in r for r in records)]
     if missing or not metric_keys:

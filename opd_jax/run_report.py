@@ -14,14 +14,13 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
-import os
-import pathlib
 from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
+from etils import epath
 from matplotlib import ticker
 
-from opd_jax import data, loop, reporting
+from opd_jax import data, loop, paths, reporting
 from opd_jax import tokenizer as tokenizer_lib
 from opd_jax.model import ModelConfig
 
@@ -204,7 +203,7 @@ def distill_tokens(records: Sequence[Mapping[str, Any]], fixed_source: str) -> d
 
 
 def phase_seconds(
-    stage_dirs: Mapping[str, pathlib.Path], evals: Mapping[str, Mapping[str, Any]]
+    stage_dirs: Mapping[str, epath.Path], evals: Mapping[str, Mapping[str, Any]]
 ) -> dict[str, float | None]:
     """Wall time per phase, disjoint: each loop stage's total over its resumed segments
     (`loop.recorded_seconds` of its directory; validation during distillation not
@@ -243,7 +242,7 @@ def build_checklist(
     teacher_tokenizer: tokenizer_lib.Tokenizer,
     records: Sequence[Mapping[str, Any]],
     evals: Mapping[str, Mapping[str, Any]],
-    stage_dirs: Mapping[str, pathlib.Path],
+    stage_dirs: Mapping[str, epath.Path],
 ) -> Checklist:
     """The checklist of a run from what `recipe.run` holds: its configs, the roles (model
     architectures, self-teacher, LoRA), the student's kept layers, the student's and the
@@ -364,7 +363,7 @@ def diagnostic_panels(records: Sequence[Mapping[str, Any]]) -> list[Panel]:
 
 
 def plot_diagnostics(
-    records: Sequence[Mapping[str, Any]], out_png: str | os.PathLike, columns: int = 3
+    records: Sequence[Mapping[str, Any]], out_png: epath.PathLike, columns: int = 3
 ) -> list[Panel]:
     """A grid of small plots against step, one per panel; returns the panels drawn (none,
     and no file, when nothing was logged)."""
@@ -403,11 +402,11 @@ def diagnostics_markdown(panels: Sequence[Panel]) -> str:
 
 
 def write(
-    workdir: str | os.PathLike, checklist: Checklist, records: Sequence[Mapping[str, Any]]
-) -> pathlib.Path:
+    workdir: epath.PathLike, checklist: Checklist, records: Sequence[Mapping[str, Any]]
+) -> epath.Path:
     """Writes `report.md` (the checklist, the diagnostics, the test results when
     results.json exists) and `diagnostics.png` in `workdir`; returns the markdown path."""
-    workdir = pathlib.Path(workdir)
+    workdir = paths.as_path(workdir)
     workdir.mkdir(parents=True, exist_ok=True)
     panels = plot_diagnostics(records, workdir / DIAGNOSTICS_FILE)
     sections = ["# Run report", "## Checklist", checklist_markdown(checklist)]
