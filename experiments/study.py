@@ -31,6 +31,7 @@ if __name__ == "__main__":
             gin_files,
             args.gin_param,
             title=f"{settings.recipe} {settings.name}",
+            restart=args.restart,
         )
     except (config.ConfigError, mesh.MeshError) as err:
         sys.exit(f"error: {err}")

@@ -1,7 +1,7 @@
 """gin wiring and the flags every entry point shares.
 
-Every experiment takes `--gin_file` and `--gin_param` (both repeatable) and
-`--workdir`. Bindings are parsed one at a time so a bad one fails with a single
+Every experiment takes `--gin_file` and `--gin_param` (both repeatable), `--workdir`
+and `--restart`. Bindings are parsed one at a time so a bad one fails with a single
 line that names it, instead of a gin traceback.
 """
 
@@ -15,8 +15,9 @@ from collections.abc import Sequence
 
 import gin
 import jax
+from etils import epath
 
-from opd_jax import assets, mesh
+from opd_jax import assets, mesh, paths
 
 
 class ConfigError(ValueError):
@@ -34,7 +35,14 @@ def flag_parser(description: str) -> argparse.ArgumentParser:
         default=[],
         help="gin binding such as 'distill.lmbda=1.0' (repeatable, applied after the files)",
     )
-    parser.add_argument("--workdir", default=None, help="where checkpoints and logs go")
+    parser.add_argument(
+        "--workdir", default=None, help="where checkpoints and logs go (a folder or gs://...)"
+    )
+    parser.add_argument(
+        "--restart",
+        action="store_true",
+        help="remove what an earlier run wrote in the workdir and start over",
+    )
     multihost = parser.add_argument_group("multi-host (jax.distributed)")
     multihost.add_argument("--coordinator_address", default=None, help="host:port of process 0")
     multihost.add_argument("--num_processes", type=int, default=None)
@@ -103,9 +111,9 @@ def enable_compilation_cache(min_compile_seconds: float = 1.0) -> pathlib.Path:
     return directory
 
 
-def save_operative_config(workdir: str | pathlib.Path) -> pathlib.Path:
+def save_operative_config(workdir: epath.PathLike) -> epath.Path:
     """Writes the bindings the run actually used, so a result can be reproduced."""
-    path = pathlib.Path(workdir) / "operative_config.gin"
+    path = paths.as_path(workdir) / "operative_config.gin"
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(gin.operative_config_str())
     return path

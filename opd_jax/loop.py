@@ -85,7 +85,7 @@ def _check_fingerprint(mngr: ocp.CheckpointManager, step: int, config: Architect
     if differing:
         raise CheckpointMismatchError(
             f"{mngr.directory} holds checkpoints of a different model (fields differ: "
-            f"{', '.join(differing)}); use another --workdir or remove it"
+            f"{', '.join(differing)}); use another --workdir, or --restart to start over"
         )
 
 

@@ -11,6 +11,9 @@ GKD (a separate teacher, often fine-tuned first, teaching a smaller student) and
      every `eval_every` steps and an optional task reward.
 Each stage resumes from its own checkpoints. Stages 1-4 live in a prefix directory (the
 workdir, or one that runs configured alike share: `prefix_bindings`, `opd_jax.study`).
+The workdir, local or remote (`gs://`, `opd_jax.paths`), records what defines the run in
+run.json (`run_bindings`); a rerun with other settings is refused unless `--restart`
+removes what the earlier run wrote (`restart`).
 Test-set scores of the teacher (in its own, possibly privileged, context), the student
 before distillation and after it go to a results table (markdown + JSON) and a plot of
 the metric and the exact divergence against step; report.md and diagnostics.png
@@ -31,13 +34,14 @@ import logging
 import os
 import pathlib
 import sys
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import gin
 import jax
 import jax.numpy as jnp
 import numpy as np
+from etils import epath
 
 from opd_jax import (
     checkpoints,
@@ -53,6 +57,7 @@ from opd_jax import (
     mesh,
     model,
     opsd,
+    paths,
     reporting,
     run_report,
     sampling,
@@ -327,9 +332,41 @@ DISTILL_ONLY_SCHEDULE = (
     "rl_group_size",
     "cut_prompts",
 )
+# Settings that leave every result as it is (memory, speed, cadence of saves, a policy
+# that only warns or refuses); a resumed run may change them.
+NOT_RESULTS = (
+    "Schedule.checkpoint_every",
+    "Schedule.cut_prompts",
+    "DistillConfig.vocab_chunk",
+    "DistillConfig.remat",
+    "OptimizerConfig.grad_accum",
+)
 PREFIX_FILE = "prefix.json"
+RUN_FILE = "run.json"
 # Evaluations of models the stages before distillation define, kept beside those stages.
 PREFIX_MODELS = ("teacher", "student_start")
+# What a run writes: in its workdir, and in its prefix directory (`restart` removes them).
+RUN_OUTPUTS = (
+    "distill", "logs", "evals.json", RUN_FILE, "operative_config.gin", export.MANIFEST_FILE,
+    "results.md", run_report.RESULTS_FILE, "curves.png", run_report.REPORT_FILE,
+    run_report.DIAGNOSTICS_FILE,
+)  # fmt: skip
+PREFIX_OUTPUTS = (
+    "teacher_sft", "student_sft", "cold_start", "prompt_selection.json", "evals.json",
+    PREFIX_FILE,
+)  # fmt: skip
+
+
+def _bindings(configs: list[Any], leave_out: Callable[[str], bool]) -> dict[str, Any]:
+    """{"Class.field": value} of every field of `configs` but those left out, as JSON
+    reads them back."""
+    bindings = {
+        f"{type(cfg).__name__}.{field.name}": getattr(cfg, field.name)
+        for cfg in configs
+        for field in dataclasses.fields(cfg)
+    }
+    kept = {name: value for name, value in bindings.items() if not leave_out(name)}
+    return json.loads(json.dumps(kept, default=str))
 
 
 def prefix_bindings() -> dict[str, Any]:
@@ -340,35 +377,84 @@ def prefix_bindings() -> dict[str, Any]:
     configs.append(selection)
     if selection.candidates:  # scored on the student's rollouts by the top-k overlap
         configs.append(RolloutSampling())
-    bindings = {
-        f"{type(cfg).__name__}.{field.name}": getattr(cfg, field.name)
-        for cfg in configs
-        for field in dataclasses.fields(cfg)
-        if not (isinstance(cfg, Schedule) and field.name in DISTILL_ONLY_SCHEDULE)
-    }
+    schedule_only = tuple(f"Schedule.{name}" for name in DISTILL_ONLY_SCHEDULE)
+    bindings = _bindings(configs, lambda name: name in schedule_only)
     if selection.candidates:
         bindings["DistillConfig.diagnostic_top_k"] = distill.DistillConfig().diagnostic_top_k
-    return json.loads(json.dumps(bindings, default=str))
+    return bindings
 
 
-def check_prefix(prefix_dir: pathlib.Path, bindings: Mapping[str, Any]) -> None:
-    """Refuses a directory whose earlier stages were run with other settings, naming the
-    first binding that differs; records the settings in a fresh one."""
-    path = prefix_dir / PREFIX_FILE
-    if path.exists():
-        saved = json.loads(path.read_text())
-        for name in sorted(set(saved) | set(bindings)):
-            if saved.get(name) != bindings.get(name):
-                raise config.ConfigError(
-                    f"{prefix_dir} holds stages run with {name}={saved.get(name)!r}, not "
-                    f"{bindings.get(name)!r}; use another --workdir or remove it"
-                )
-    elif reporting.is_main_process():
-        prefix_dir.mkdir(parents=True, exist_ok=True)
+def run_bindings() -> dict[str, Any]:
+    """What the distillation stage and every result of a run depend on: the prefix's
+    bindings, the objective, rollouts, optimizer and the schedule's distillation fields."""
+    models = Models()
+    configs = [
+        Schedule(), distill.DistillConfig(), gkd.MixtureConfig(), RolloutSampling(),
+        train_state.OptimizerConfig(), probe_lib.TeacherProbe(),
+    ]  # fmt: skip
+    if models.use_lora:
+        configs.append(lora.LoraConfig())
+    if models.teacher is None:
+        configs.append(opsd.SelfTeacher())
+    return {**prefix_bindings(), **_bindings(configs, lambda name: name in NOT_RESULTS)}
+
+
+def first_difference(saved: Mapping[str, Any], bindings: Mapping[str, Any]) -> str | None:
+    """The first binding (in name order) whose value differs; one missing on a side reads
+    as None."""
+    names = sorted(set(saved) | set(bindings))
+    return next((name for name in names if saved.get(name) != bindings.get(name)), None)
+
+
+def saved_bindings(path: epath.Path) -> dict[str, Any] | None:
+    """A directory's fingerprint, None before its first run."""
+    return json.loads(path.read_text()) if path.exists() else None
+
+
+def check_bindings(path: epath.Path, bindings: Mapping[str, Any]) -> None:
+    """Refuses a directory whose fingerprint `path` records other settings, in one line
+    naming the first binding that differs; nothing is written."""
+    saved = saved_bindings(path)
+    name = None if saved is None else first_difference(saved, bindings)
+    if name is not None:
+        raise config.ConfigError(
+            f"{path.parent} holds a run with {name}={saved.get(name)!r}, not "
+            f"{bindings.get(name)!r}; use another --workdir, or --restart to start over"
+        )
+
+
+def record_bindings(path: epath.Path, bindings: Mapping[str, Any]) -> None:
+    """Writes a fresh directory's fingerprint (process 0); a checked one stays as it is."""
+    if reporting.is_main_process() and not path.exists():
+        path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(json.dumps(bindings, indent=2, sort_keys=True))
 
 
-def read_evals(directory: pathlib.Path) -> dict[str, Any]:
+def remove_outputs(directory: epath.Path, names: Sequence[str]) -> None:
+    """Removes the named files and folders a run wrote in `directory` (process 0), and
+    nothing else a user keeps there."""
+    if not reporting.is_main_process():
+        return
+    for name in names:
+        path = directory / name
+        if path.is_dir():
+            path.rmtree()
+        elif path.exists():
+            path.unlink()
+
+
+def restart(workdir: epath.Path, prefix_dir: epath.Path) -> None:
+    """`--restart`: the run's outputs go; so do the prefix stages when they live in the
+    workdir, or when a shared prefix directory was run with other settings (one that
+    matches is kept: its stages are what this run would make again)."""
+    remove_outputs(workdir, RUN_OUTPUTS)
+    saved = saved_bindings(prefix_dir / PREFIX_FILE)
+    shared_match = saved is not None and first_difference(saved, prefix_bindings()) is None
+    if prefix_dir == workdir or not shared_match:
+        remove_outputs(prefix_dir, PREFIX_OUTPUTS)
+
+
+def read_evals(directory: epath.Path) -> dict[str, Any]:
     path = directory / "evals.json"
     return json.loads(path.read_text()) if path.exists() else {}
 
@@ -384,8 +470,8 @@ class Run:
     `prefix_dir`: the workdir itself, or a directory several runs share (`experiments.study`).
     """
 
-    workdir: pathlib.Path
-    prefix_dir: pathlib.Path
+    workdir: epath.Path
+    prefix_dir: epath.Path
     task: Task
     models: Models
     schedule: Schedule
@@ -396,7 +482,7 @@ class Run:
     placement: mesh.Placement
     writer: reporting.MetricsWriter
     # evals.json of each directory, so a resumed run does not redo an evaluation
-    evals: Mapping[pathlib.Path, dict[str, Any]]
+    evals: Mapping[epath.Path, dict[str, Any]]
 
     def decode(self, tokens_BxN: np.ndarray, lengths_B: np.ndarray) -> list[str]:
         rows = zip(tokens_BxN, lengths_B, strict=True)
@@ -627,12 +713,17 @@ def select_prompts(
 
 
 def run(
-    workdir: str | pathlib.Path, title: str, prefix_dir: str | pathlib.Path | None = None
+    workdir: epath.PathLike,
+    title: str,
+    prefix_dir: epath.PathLike | None = None,
+    restart_run: bool = False,
 ) -> list[dict[str, Any]]:
     """Runs (or resumes) the recipe configured by gin; returns the results rows. The
-    stages before distillation go to `prefix_dir` (default: the workdir)."""
-    workdir = pathlib.Path(workdir)
-    prefix_dir = workdir if prefix_dir is None else pathlib.Path(prefix_dir)
+    stages before distillation go to `prefix_dir` (default: the workdir). A workdir run
+    with other settings is refused (`run_bindings`) unless `restart_run` (`--restart`)
+    first removes what that run wrote (`restart`)."""
+    workdir = paths.as_path(workdir)
+    prefix_dir = workdir if prefix_dir is None else paths.as_path(prefix_dir)
     task, models, schedule = Task(), Models(), Schedule()
     cfg, mixture, rollout_sampling = distill.DistillConfig(), gkd.MixtureConfig(), RolloutSampling()
     cold, selection = fixes.ColdStart(), fixes.PromptSelection()
@@ -672,7 +763,12 @@ def run(
     teacher_params = loaded.teacher_params
     if teacher_params is not None:
         teacher_params = mesh.place_params(teacher_params, teacher_sharding)
-    check_prefix(prefix_dir, prefix_bindings())
+    if restart_run:
+        restart(workdir, prefix_dir)
+        mesh.barrier("workdir restarted")
+    fingerprints = {prefix_dir / PREFIX_FILE: prefix_bindings(), workdir / RUN_FILE: run_bindings()}
+    for path, bindings in fingerprints.items():
+        check_bindings(path, bindings)
     for directory, stage, fingerprint in (
         (prefix_dir, "teacher_sft", roles.teacher),
         (prefix_dir, "student_sft", roles.student),
@@ -681,6 +777,8 @@ def run(
     ):
         loop.check_directory(directory / stage, fingerprint)
     mesh.barrier("workdir checked")  # nothing is written before every process checked
+    for path, bindings in fingerprints.items():
+        record_bindings(path, bindings)
     full_stages = [os.path.relpath(prefix_dir / s, workdir) for s in ("student_sft", "cold_start")]
     if reporting.is_main_process():
         config.save_operative_config(workdir)
@@ -810,7 +908,7 @@ def run(
 
 
 def report(
-    workdir: pathlib.Path,
+    workdir: epath.Path,
     title: str,
     results: Mapping[str, tuple[int, Mapping[str, Any]]],
     primary_metric: str,
@@ -841,6 +939,7 @@ def main(description: str, default_gin_file: pathlib.Path, default_workdir: str)
     config.enable_compilation_cache()
     args = config.parse(description, default_gin_files=[str(default_gin_file)])
     try:
-        run(args.workdir or default_workdir, title=default_gin_file.stem)
+        workdir = args.workdir or default_workdir
+        run(workdir, title=default_gin_file.stem, restart_run=args.restart)
     except (config.ConfigError, mesh.MeshError) as err:  # settings, before any compile
         sys.exit(f"error: {err}")

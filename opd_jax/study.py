@@ -21,14 +21,14 @@ import dataclasses
 import hashlib
 import itertools
 import json
-import pathlib
 from collections.abc import Mapping, Sequence
 from typing import Any
 
 import gin
 import numpy as np
+from etils import epath
 
-from opd_jax import config, recipe, reporting
+from opd_jax import config, paths, recipe, reporting
 
 AFTER = "student after distillation"
 
@@ -88,7 +88,7 @@ class Arm:
         return [*self.variant_bindings, *grid, f"Schedule.distill_seed = {seed}"]
 
 
-def prefix_dir(root: pathlib.Path) -> pathlib.Path:
+def prefix_dir(root: epath.Path) -> epath.Path:
     """The shared directory of the stages before distillation the current gin config
     defines: named by a hash of `recipe.prefix_bindings`."""
     text = json.dumps(recipe.prefix_bindings(), sort_keys=True)
@@ -96,15 +96,19 @@ def prefix_dir(root: pathlib.Path) -> pathlib.Path:
 
 
 def run(
-    root: str | pathlib.Path,
+    root: epath.PathLike,
     study: Study,
     gin_files: Sequence[str],
     gin_params: Sequence[str],
     title: str,
+    restart: bool = False,
 ) -> list[dict[str, Any]]:
     """Runs (or resumes) every arm x seed and writes the comparison; returns its rows.
-    Each run is configured by `gin_files`, then `gin_params`, then the arm's bindings."""
-    root = pathlib.Path(root)
+    Each run is configured by `gin_files`, then `gin_params`, then the arm's bindings.
+    A finished run is reused only when its fingerprint (`recipe.run_bindings`) matches;
+    `restart` reruns every run, keeping a shared prefix whose fingerprint matches
+    (`recipe.restart`)."""
+    root = paths.as_path(root)
     runs = []
     for arm in study.arms():
         for seed in study.seeds:
@@ -112,11 +116,12 @@ def run(
             config.apply_gin(gin_files, [*gin_params, *arm.bindings(seed)])
             workdir, prefix = root / arm.name / f"seed{seed}", prefix_dir(root)
             results = workdir / "results.json"
-            if results.exists():  # finished before: the study resumes after it
+            if results.exists() and not restart:  # finished before: the study resumes after it
+                recipe.check_bindings(workdir / recipe.RUN_FILE, recipe.run_bindings())
                 rows = json.loads(results.read_text())
             else:
                 name = f"{title}: {arm.name} seed {seed}"
-                rows = recipe.run(workdir, title=name, prefix_dir=prefix)
+                rows = recipe.run(workdir, title=name, prefix_dir=prefix, restart_run=restart)
             runs.append({"arm": arm.name, "seed": seed, "prefix": prefix.name, "rows": rows})
     gin.clear_config()
     metric = _primary_metric(gin_files, gin_params)
@@ -169,7 +174,7 @@ CURVES = ("distill/overlap_ratio", "distill/overlap_mass_teacher", "distill/over
 
 
 def write(
-    root: pathlib.Path,
+    root: epath.Path,
     name: str,
     title: str,
     table: Sequence[Mapping[str, Any]],
@@ -195,7 +200,7 @@ def write(
     plot_curves(records, keys, root / f"{name}_curves.png", title)
 
 
-def plot(runs: Sequence[Mapping[str, Any]], metric: str, out_png: pathlib.Path, title: str) -> None:
+def plot(runs: Sequence[Mapping[str, Any]], metric: str, out_png: epath.Path, title: str) -> None:
     """The distilled student's `metric` per arm (bar: mean; dots: seeds), with the
     students before distillation as dashed lines."""
     arms = list(dict.fromkeys(r["arm"] for r in runs))
@@ -222,7 +227,7 @@ def plot(runs: Sequence[Mapping[str, Any]], metric: str, out_png: pathlib.Path, 
 def plot_curves(
     records: Mapping[tuple[str, int], Sequence[Mapping[str, Any]]],
     keys: Sequence[str],
-    out_png: pathlib.Path,
+    out_png: epath.Path,
     title: str,
 ) -> None:
     """Each key against step, one line per run, a color per arm: the side-by-side view
