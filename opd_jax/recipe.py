@@ -13,7 +13,7 @@ Each stage resumes from its own checkpoints. Stages 1-4 live in a prefix directo
 workdir, or one that runs configured alike share: `prefix_bindings`, `opd_jax.study`).
 The workdir, local or remote (`gs://`, `opd_jax.paths`), records what defines the run in
 run.json (`run_bindings`); a rerun with other settings is refused unless `--restart`
-removes what the earlier run wrote (`restart`).
+removes what the earlier run wrote (`clear_workdir`).
 Test-set scores of the teacher (in its own, possibly privileged, context), the student
 before distillation and after it go to a results table (markdown + JSON) and a plot of
 the metric and the exact divergence against step; report.md and diagnostics.png
@@ -345,7 +345,7 @@ PREFIX_FILE = "prefix.json"
 RUN_FILE = "run.json"
 # Evaluations of models the stages before distillation define, kept beside those stages.
 PREFIX_MODELS = ("teacher", "student_start")
-# What a run writes: in its workdir, and in its prefix directory (`restart` removes them).
+# What a run writes: in its workdir, and in its prefix directory (`clear_workdir` removes them).
 RUN_OUTPUTS = (
     "distill", "logs", "evals.json", RUN_FILE, "operative_config.gin", export.MANIFEST_FILE,
     "results.md", run_report.RESULTS_FILE, "curves.png", run_report.REPORT_FILE,
@@ -443,7 +443,7 @@ def remove_outputs(directory: epath.Path, names: Sequence[str]) -> None:
             path.unlink()
 
 
-def restart(workdir: epath.Path, prefix_dir: epath.Path) -> None:
+def clear_workdir(workdir: epath.Path, prefix_dir: epath.Path) -> None:
     """`--restart`: the run's outputs go; so do the prefix stages when they live in the
     workdir, or when a shared prefix directory was run with other settings (one that
     matches is kept: its stages are what this run would make again)."""
@@ -716,12 +716,12 @@ def run(
     workdir: epath.PathLike,
     title: str,
     prefix_dir: epath.PathLike | None = None,
-    restart_run: bool = False,
+    restart: bool = False,
 ) -> list[dict[str, Any]]:
     """Runs (or resumes) the recipe configured by gin; returns the results rows. The
     stages before distillation go to `prefix_dir` (default: the workdir). A workdir run
-    with other settings is refused (`run_bindings`) unless `restart_run` (`--restart`)
-    first removes what that run wrote (`restart`)."""
+    with other settings is refused (`run_bindings`) unless `restart` (`--restart`)
+    first removes what that run wrote (`clear_workdir`)."""
     workdir = paths.as_path(workdir)
     prefix_dir = workdir if prefix_dir is None else paths.as_path(prefix_dir)
     task, models, schedule = Task(), Models(), Schedule()
@@ -763,8 +763,8 @@ def run(
     teacher_params = loaded.teacher_params
     if teacher_params is not None:
         teacher_params = mesh.place_params(teacher_params, teacher_sharding)
-    if restart_run:
-        restart(workdir, prefix_dir)
+    if restart:
+        clear_workdir(workdir, prefix_dir)
         mesh.barrier("workdir restarted")
     fingerprints = {prefix_dir / PREFIX_FILE: prefix_bindings(), workdir / RUN_FILE: run_bindings()}
     for path, bindings in fingerprints.items():
@@ -939,7 +939,6 @@ def main(description: str, default_gin_file: pathlib.Path, default_workdir: str)
     config.enable_compilation_cache()
     args = config.parse(description, default_gin_files=[str(default_gin_file)])
     try:
-        workdir = args.workdir or default_workdir
-        run(workdir, title=default_gin_file.stem, restart_run=args.restart)
+        run(args.workdir or default_workdir, title=default_gin_file.stem, restart=args.restart)
     except (config.ConfigError, mesh.MeshError) as err:  # settings, before any compile
         sys.exit(f"error: {err}")

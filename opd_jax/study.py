@@ -107,7 +107,7 @@ def run(
     Each run is configured by `gin_files`, then `gin_params`, then the arm's bindings.
     A finished run is reused only when its fingerprint (`recipe.run_bindings`) matches;
     `restart` reruns every run, keeping a shared prefix whose fingerprint matches
-    (`recipe.restart`)."""
+    (`recipe.clear_workdir`)."""
     root = paths.as_path(root)
     runs = []
     for arm in study.arms():
@@ -121,7 +121,7 @@ def run(
                 rows = json.loads(results.read_text())
             else:
                 name = f"{title}: {arm.name} seed {seed}"
-                rows = recipe.run(workdir, title=name, prefix_dir=prefix, restart_run=restart)
+                rows = recipe.run(workdir, title=name, prefix_dir=prefix, restart=restart)
             runs.append({"arm": arm.name, "seed": seed, "prefix": prefix.name, "rows": rows})
     gin.clear_config()
     metric = _primary_metric(gin_files, gin_params)

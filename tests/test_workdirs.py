@@ -10,7 +10,7 @@ import gin
 import pytest
 from etils import epath
 from etils.epath import backend, gpath, register
-from test_recipe import _run
+from test_recipe import TINY, _run
 
 from experiments import gkd_summarize
 from opd_jax import config, loop, paths, recipe, reporting, study
@@ -36,6 +36,10 @@ def memory(monkeypatch):
     fs.store.clear()
     yield fs
     fs.store.clear()
+
+
+class _StoppedError(Exception):
+    """Raised where a restarted run would start writing."""
 
 
 def _snapshot(fs: fsspec.AbstractFileSystem) -> dict[str, bytes]:
@@ -117,6 +121,16 @@ def test_a_remote_workdir_run_is_fingerprinted_refused_and_restarted(memory, tmp
     assert _snapshot(memory) == before
     assert sorted(p.stat().st_mtime_ns for p in tmp_path.rglob("*") if p.is_file()) == checkpoints
 
+    # --restart: what the run wrote goes (a user's file stays), then the checks pass; the
+    # run is stopped where it would record its new fingerprint.
     memory.pipe("/bucket/run/notes.txt", b"mine")
-    recipe.restart(paths.as_path(workdir), paths.as_path(workdir))
+
+    def stop(path, bindings):
+        raise _StoppedError(path)
+
+    monkeypatch.setattr(recipe, "record_bindings", stop)
+    gin.clear_config()
+    config.apply_gin([str(gkd_summarize.GIN_FILE)], [*TINY, "DistillConfig.beta = 0.9"])
+    with pytest.raises(_StoppedError):
+        recipe.run(workdir, title="test", restart=True)
     assert set(_snapshot(memory)) == {"/bucket/run/notes.txt"}
