@@ -10,6 +10,7 @@ that fine-tunes a teacher or a student on the dataset's targets.
 from __future__ import annotations
 
 import dataclasses
+import functools
 from typing import Any
 
 import gin
@@ -17,7 +18,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from opd_jax import credit, diagnostics, losses, mesh, model, train_state
+from opd_jax import credit, diagnostics, losses, mesh, model, train_state, validation
 from opd_jax.model import ModelConfig, Params
 from opd_jax.train_state import BatchCounts, DistillBatch
 
@@ -53,13 +54,11 @@ class DistillConfig(losses.Objective):
     value_learning_rate: float = 1e-3
 
     def __post_init__(self):
-        super().__post_init__()
-        if not 0.0 <= self.rl_alpha <= 1.0:
-            raise ValueError(f"rl_alpha must be in [0, 1], got {self.rl_alpha}")
-        if self.diagnostic_top_k < 0:
-            raise ValueError(f"diagnostic_top_k must be >= 0, got {self.diagnostic_top_k}")
-        if not self.value_learning_rate > 0:
-            raise ValueError(f"value_learning_rate must be > 0, got {self.value_learning_rate}")
+        check = functools.partial(validation.check_fields, self)
+        check(validation.check_number, "rl_alpha", low=0, high=1)
+        check(validation.check_number, "value_learning_rate", low=0, open_low=True)
+        check(validation.check_int, "vocab_chunk", "diagnostic_top_k", minimum=0)
+        super().__post_init__()  # the objective's fields, then every field's type
 
     def value_optimizer(self) -> optax.GradientTransformation | None:
         """The value head's optimizer when the update learns one, else None: the state and

@@ -26,11 +26,11 @@ Every setting is a gin parameter of `Task`, `Models`, `Schedule`, `RolloutSampli
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import logging
 import os
 import pathlib
-import sys
 from collections.abc import Callable, Mapping
 from typing import Any
 
@@ -58,6 +58,7 @@ from opd_jax import (
     sampling,
     train_state,
     update,
+    validation,
 )
 from opd_jax import probe as probe_lib
 from opd_jax import tokenizer as tokenizer_lib
@@ -90,6 +91,10 @@ class Task:
     instruction: str | None = None
     system: str | None = None
     data_dir: str | None = None
+
+    def __post_init__(self):
+        validation.check_fields(self, validation.check_choice, "metric", choices=evaluation.METRICS)
+        validation.check_types(self)
 
     def template(self) -> data.PromptTemplate:
         if self.instruction is None:
@@ -141,6 +146,18 @@ class Models:
     student_sft_learning_rate: float = 1e-4
 
     def __post_init__(self):
+        check = functools.partial(validation.check_fields, self)
+        check(validation.check_int, "teacher_sft_steps", "student_sft_steps", minimum=0)
+        learning_rates = ("teacher_sft_learning_rate", "student_sft_learning_rate")
+        check(validation.check_number, *learning_rates, low=0, open_low=True)
+        validation.check_types(self)
+        layers = self.student_layers
+        if isinstance(layers, int):
+            validation.check_int("Models.student_layers", layers, minimum=1)
+        elif layers is not None and (not layers or min(layers) < 0):
+            raise config.ConfigError(
+                f"Models.student_layers={layers!r} must hold one or more layer indices >= 0"
+            )
         if self.teacher is None and self.student is None:
             raise config.ConfigError(
                 "Models.student: self-distillation (Models.teacher = None) needs the student's model"
@@ -150,6 +167,19 @@ class Models:
                 "Models.teacher_sft_steps: a self-distilling student has no separate teacher "
                 "to fine-tune; use Models.student_sft_steps"
             )
+
+    def kept_layers(self, n_layers: int) -> tuple[int, ...] | None:
+        """The layers of a source model of `n_layers` the student keeps (None: all)."""
+        layers = self.student_layers
+        if layers is None:
+            return None
+        count = isinstance(layers, int)  # else layer indices
+        if (layers > n_layers) if count else (max(layers) >= n_layers):
+            raise config.ConfigError(
+                f"Models.student_layers={layers!r}: the student's source model has {n_layers} "
+                f"layers (indices 0..{n_layers - 1})"
+            )
+        return model.evenly_spaced_layers(n_layers, layers) if count else layers
 
 
 @gin.configurable
@@ -187,16 +217,16 @@ class Schedule:
     distill_seed: int | None = None
 
     def __post_init__(self):
-        if self.cut_prompts not in CUT_POLICIES:
-            raise config.ConfigError(
-                f"Schedule.cut_prompts={self.cut_prompts!r} is not one of {CUT_POLICIES}"
-            )
-        for name in ("steps", "batch_size", "prompt_len", "completion_len", "eval_every"):
-            value = getattr(self, name)
-            if not isinstance(value, int) or value < 1:
-                raise config.ConfigError(f"Schedule.{name}={value!r} must be an integer >= 1")
-        if self.checkpoint_every < 1:
-            raise config.ConfigError("Schedule.checkpoint_every must be >= 1")
+        check = functools.partial(validation.check_fields, self)
+        sizes = ("steps", "batch_size", "prompt_len", "completion_len", "rl_group_size")
+        cadences = ("checkpoint_every", "eval_every", "eval_batch_size")
+        check(validation.check_int, *sizes, *cadences, minimum=1)
+        optional = ("teacher_prompt_len", "eval_examples", "test_examples")
+        check(validation.check_int, *optional, minimum=1, or_none=True)
+        check(validation.check_int, "seed", minimum=0)
+        check(validation.check_int, "distill_seed", minimum=0, or_none=True)
+        check(validation.check_choice, "cut_prompts", choices=CUT_POLICIES)
+        validation.check_types(self)
 
     def seed_of(self, stage: str) -> int:
         if stage == "distill" and self.distill_seed is not None:
@@ -212,6 +242,13 @@ class RolloutSampling:
     temperature: float = 1.0
     top_k: int = 0
     top_p: float = 1.0
+
+    def __post_init__(self):
+        check = functools.partial(validation.check_fields, self)
+        check(validation.check_number, "temperature", low=0)
+        check(validation.check_int, "top_k", minimum=0)
+        check(validation.check_number, "top_p", low=0, high=1, open_low=True)
+        validation.check_types(self)
 
 
 # ----------------------------------------------------------------------------- start-up
@@ -232,9 +269,7 @@ class LoadedModels:
 def load_models(models: Models) -> LoadedModels:
     source = models.student if models.student is not None else models.teacher
     source_config, source_params = checkpoints.load(source)
-    keep = models.student_layers
-    if isinstance(keep, int):
-        keep = model.evenly_spaced_layers(source_config.n_layers, keep)
+    keep = models.kept_layers(source_config.n_layers)
     if keep is None:
         student_config, student_params = source_config, source_params
     else:
@@ -623,8 +658,9 @@ def run(
     cold, selection = fixes.ColdStart(), fixes.PromptSelection()
     teacher_probe = probe_lib.TeacherProbe()
     context = opsd.PrivilegedContext()
-    self_teacher = opsd.SelfTeacher() if models.teacher is None else None
-    lora_cfg = lora.LoraConfig() if models.use_lora else None
+    self_teacher, lora_cfg = opsd.SelfTeacher(), lora.LoraConfig()  # checked even if unused
+    self_teacher = self_teacher if models.teacher is None else None
+    lora_cfg = lora_cfg if models.use_lora else None
     device_mesh, layout = mesh.make_mesh(), mesh.Layout()
     placement = layout.placement(device_mesh)
     optim = train_state.OptimizerConfig()
@@ -825,7 +861,5 @@ def main(description: str, default_gin_file: pathlib.Path, default_workdir: str)
     logging.basicConfig(level=logging.WARNING)
     config.enable_compilation_cache()
     args = config.parse(description, default_gin_files=[str(default_gin_file)])
-    try:
+    with config.exit_on_config_error():  # settings, found before any compile
         run(args.workdir or default_workdir, title=default_gin_file.stem)
-    except (config.ConfigError, mesh.MeshError) as err:  # settings, before any compile
-        sys.exit(f"error: {err}")

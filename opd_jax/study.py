@@ -29,7 +29,7 @@ import numpy as np
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
-from opd_jax import config, recipe, reporting
+from opd_jax import config, recipe, reporting, validation
 
 AFTER = "student after distillation"
 
@@ -52,6 +52,7 @@ class Study:
     seeds: Sequence[int] = (0, 1)
 
     def __post_init__(self):
+        validation.check_types(self)
         if not self.seeds:
             raise config.ConfigError("Study.seeds: give at least one seed")
         for name, values in self.grid.items():
