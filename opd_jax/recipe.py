@@ -40,6 +40,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from opd_jax import (
+    assets,
     checkpoints,
     config,
     data,
@@ -264,6 +265,19 @@ class LoadedModels:
     student_config: ModelConfig
     student_params: Params
     student_layers: tuple[int, ...] | None
+
+
+def check_model_sources(models: Models) -> None:
+    """Refuses a model that is not there, named as the binding that gave it, before a
+    tokenizer is looked for in it."""
+    for field in ("teacher", "student"):
+        spec = getattr(models, field)
+        if spec is not None and not checkpoints.is_source(spec):
+            packaged = ", ".join(sorted(assets.PACKAGED_CHECKPOINTS))
+            raise config.ConfigError(
+                f"Models.{field}: {spec} is not a packaged model name ({packaged}), a "
+                "checkpoint directory (with config.json) or a GGUF file"
+            )
 
 
 def load_models(models: Models) -> LoadedModels:
@@ -667,6 +681,7 @@ def run(
     group = schedule.rl_group_size if cfg.rl_alpha < 1.0 else 1  # completions per prompt
     check_schedule(schedule, group, optim.grad_accum, device_mesh)
     gkd.check_rollouts(cfg, rollout_sampling, mixture.on_policy_fraction)
+    check_model_sources(models)
 
     with mesh.main_process_first("inputs ready"):  # they may be built into a shared cache
         student_source = models.student or models.teacher

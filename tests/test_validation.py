@@ -133,6 +133,11 @@ def test_every_field_refuses_a_value_of_another_type(configurable, field):
         ('DistillConfig.divergence="kl"', BAD_VALUES['DistillConfig.divergence="kl"']),
         ("Schedule.stepz=3", "--gin_param 'Schedule.stepz=3': Configurable 'Schedule' doesn't "),
         ("Shedule.steps=3", "--gin_param 'Shedule.steps=3': No configurable matching 'Shedule'"),
+        (
+            'Models.teacher="/no/such/dir"',
+            "Models.teacher: /no/such/dir is not a packaged model name (gemma3-270m, "
+            "smollm2-135m-instruct), a checkpoint directory (with config.json) or a GGUF file",
+        ),
     ],
 )
 def test_an_entry_point_exits_with_the_line_and_writes_nothing(
