@@ -294,7 +294,6 @@ def load_models(models: Models) -> LoadedModels:
         teacher_config, teacher_params = source_config, source_params
     else:
         teacher_config, teacher_params = checkpoints.load(models.teacher)
-    distill.check_vocab(teacher_config, student_config)
     return LoadedModels(teacher_config, teacher_params, student_config, student_params, keep)
 
 
@@ -501,9 +500,11 @@ class Run:
 
     def sampler(self, **settings: Any) -> sampling.SamplingConfig:
         """The sampler's settings for completions of Schedule.completion_len: greedy, as
-        evaluation is, unless `settings` (temperature, top_k, top_p) say otherwise."""
-        stops = {"eos_ids": self.tokenizer.eos_id, "pad_id": self.tokenizer.pad_id}
-        settings = {"temperature": 0.0, **settings, **stops}
+        evaluation is, unless `settings` (temperature, top_k, top_p) say otherwise; only
+        the tokenizer's ids are drawn, whatever padding the embedding table has."""
+        tokens = {"eos_ids": self.tokenizer.eos_id, "pad_id": self.tokenizer.pad_id}
+        tokens["vocab_size"] = self.tokenizer.vocab_size
+        settings = {"temperature": 0.0, **settings, **tokens}
         return sampling.SamplingConfig(self.schedule.completion_len, **settings)
 
     def score(
@@ -687,6 +688,7 @@ def run(
         student_source = models.student or models.teacher
         tokenizer = tokenizer_lib.load(student_source)
         teacher_tokenizer = tokenizer_lib.load(models.teacher or student_source)
+        vocab_size = distill.check_vocab(teacher_tokenizer, tokenizer)
         splits = task.splits()
         loaded = load_models(models)
     template = task.template()
@@ -699,7 +701,9 @@ def run(
     teacher_spec = dataclasses.replace(spec, prompt_len=teacher_width, template=teacher_template)
     check_prompt_lengths(splits, spec, teacher_spec, tokenizer, schedule.cut_prompts)
 
-    roles = update.Roles(loaded.student_config, loaded.teacher_config, self_teacher, lora_cfg)
+    roles = update.Roles(
+        loaded.student_config, loaded.teacher_config, self_teacher, lora_cfg, vocab_size
+    )
     for model_config in (roles.teacher, roles.student):
         mesh.check_model_fits_mesh(model_config, device_mesh)
     student_sharding = placement.params(roles.student)
@@ -751,7 +755,7 @@ def run(
         )
         if cold.steps:  # the teacher is fixed while the student learns from its samples
             teacher_of_cold = student_params if teacher_params is None else teacher_params
-            cold_roles = update.Roles(roles.student, roles.teacher)
+            cold_roles = dataclasses.replace(roles, self_teacher=None, lora=None)
             cold_frozen = {"teacher": teacher_of_cold, "base": None}
             student_params = r.fine_tune(
                 "cold_start",
