@@ -172,3 +172,16 @@ def test_types_are_checked_and_named(hint, value, words):
     with pytest.raises(config.ConfigError) as err:
         validation.check_types(Toy(value))
     assert str(err.value) == f"Toy.field={value!r} must be {words}"
+
+
+def test_different_tokenizers_stop_the_run_in_one_line(tiny_teacher_dir, tmp_path, monkeypatch):
+    models = ['Models.teacher="gemma3-270m"', f'Models.student="{tiny_teacher_dir}"']
+    monkeypatch.setattr(sys, "argv", ["gkd_summarize", *(f"--gin_param={b}" for b in models)])
+    with pytest.raises(SystemExit) as exit_:
+        recipe.main("test", gkd_summarize.GIN_FILE, str(tmp_path / "work"))
+    assert str(exit_.value) == (
+        "error: teacher and student tokenizers differ (teacher vs student: 262144 vs 49152 "
+        "tokens): distillation compares next-token distributions id by id, and "
+        "cross-tokenizer distillation is not supported yet"
+    )
+    assert not (tmp_path / "work").exists()
