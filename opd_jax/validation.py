@@ -35,6 +35,7 @@ def check_fields(cfg: Any, check: Callable[..., None], *fields: str, **settings:
 
 
 def check_choice(name: str, value: Any, choices: Iterable[str]) -> None:
+    """One of `choices`, which the error lists so a typo is fixed without reading code."""
     choices = tuple(choices)
     if value not in choices:
         raise ConfigError(f"{name}={value!r} is not one of {', '.join(choices)}")
@@ -49,6 +50,7 @@ def _is_number(value: Any) -> bool:
 
 
 def check_int(name: str, value: Any, minimum: int, or_none: bool = False) -> None:
+    """An integer (not a bool, which Python counts as one) of at least `minimum`."""
     if or_none and value is None:
         return
     if not (_is_int(value) and value >= minimum):
