@@ -414,6 +414,15 @@ def load_gguf(path: str | pathlib.Path, dtype: Any = jnp.float32) -> tuple[Model
 # --------------------------------------------------------------------------- one entry point
 
 
+def is_source(spec: str | pathlib.Path) -> bool:
+    """Whether `spec` is something `load` reads: a packaged model's name, a checkpoint
+    directory (with config.json) or a GGUF file. Nothing is fetched."""
+    if isinstance(spec, str) and spec in assets.PACKAGED_CHECKPOINTS:
+        return True
+    path = pathlib.Path(spec)
+    return (path / "config.json").is_file() or (path.is_file() and path.suffix == ".gguf")
+
+
 def resolve(spec: str | pathlib.Path) -> pathlib.Path:
     """A preset name, a GGUF file or an HF directory -> a local path (fetching presets)."""
     if isinstance(spec, str) and spec in assets.PACKAGED_CHECKPOINTS:

@@ -8,20 +8,18 @@ line that names it, instead of a gin traceback.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import pathlib
 import sys
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 
 import gin
 import jax
 from etils import epath
 
 from opd_jax import assets, mesh, paths
-
-
-class ConfigError(ValueError):
-    """A gin file or binding that cannot be applied; the message names it."""
+from opd_jax.validation import ConfigError
 
 
 def flag_parser(description: str) -> argparse.ArgumentParser:
@@ -33,7 +31,8 @@ def flag_parser(description: str) -> argparse.ArgumentParser:
         "--gin_param",
         action="append",
         default=[],
-        help="gin binding such as 'distill.lmbda=1.0' (repeatable, applied after the files)",
+        help="gin binding such as 'MixtureConfig.on_policy_fraction=1.0' (repeatable, applied "
+        "after the files)",
     )
     parser.add_argument(
         "--workdir", default=None, help="where checkpoints and logs go (a folder or gs://...)"
@@ -58,6 +57,23 @@ def flag_parser(description: str) -> argparse.ArgumentParser:
 
 def _one_line(err: Exception) -> str:
     return " ".join(str(err).split())
+
+
+def error_line(err: Exception) -> str:
+    """A ConfigError's (or MeshError's) own message: its first line. Raised while gin
+    builds a configurable, it comes with gin's "In call to configurable ..." lines
+    appended, which the `Class.field` the message names makes redundant."""
+    return str(err).split("\n", 1)[0]
+
+
+@contextlib.contextmanager
+def exit_on_config_error() -> Iterator[None]:
+    """Turns a setting that cannot work (ConfigError, MeshError, an unreachable
+    coordinator) into one line on exit; every other exception keeps its traceback."""
+    try:
+        yield
+    except (ConfigError, mesh.MeshError, mesh.DistributedInitError) as err:
+        sys.exit(f"error: {error_line(err)}")
 
 
 def apply_gin(gin_files: Sequence[str], gin_params: Sequence[str]) -> None:
@@ -85,7 +101,7 @@ def parse(
     A bad binding or an unreachable coordinator exits with one line.
     """
     args = flag_parser(description).parse_args(argv)
-    try:
+    with exit_on_config_error():
         apply_gin([*default_gin_files, *args.gin_file], args.gin_param)
         mesh.initialize_distributed(
             args.coordinator_address,
@@ -94,8 +110,6 @@ def parse(
             auto_detect=args.distributed,
             timeout_s=args.distributed_timeout_s,
         )
-    except (ConfigError, mesh.DistributedInitError) as err:
-        sys.exit(f"error: {err}")
     return args
 
 

@@ -10,6 +10,7 @@ that fine-tunes a teacher or a student on the dataset's targets.
 from __future__ import annotations
 
 import dataclasses
+import functools
 from typing import Any
 
 import gin
@@ -17,7 +18,8 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from opd_jax import credit, diagnostics, losses, mesh, model, train_state
+from opd_jax import credit, diagnostics, losses, mesh, model, train_state, validation
+from opd_jax import tokenizer as tokenizer_lib
 from opd_jax.model import ModelConfig, Params
 from opd_jax.train_state import BatchCounts, DistillBatch
 
@@ -53,13 +55,11 @@ class DistillConfig(losses.Objective):
     value_learning_rate: float = 1e-3
 
     def __post_init__(self):
-        super().__post_init__()
-        if not 0.0 <= self.rl_alpha <= 1.0:
-            raise ValueError(f"rl_alpha must be in [0, 1], got {self.rl_alpha}")
-        if self.diagnostic_top_k < 0:
-            raise ValueError(f"diagnostic_top_k must be >= 0, got {self.diagnostic_top_k}")
-        if not self.value_learning_rate > 0:
-            raise ValueError(f"value_learning_rate must be > 0, got {self.value_learning_rate}")
+        check = functools.partial(validation.check_fields, self)
+        check(validation.check_number, "rl_alpha", low=0, high=1)
+        check(validation.check_number, "value_learning_rate", low=0, open_low=True)
+        check(validation.check_int, "vocab_chunk", "diagnostic_top_k", minimum=0)
+        super().__post_init__()  # the objective's fields, then every field's type
 
     def value_optimizer(self) -> optax.GradientTransformation | None:
         """The value head's optimizer when the update learns one, else None: the state and
@@ -67,17 +67,24 @@ class DistillConfig(losses.Objective):
         return credit.value_optimizer(self.value_learning_rate) if self.learns_value else None
 
 
-class VocabMismatchError(ValueError):
+class VocabMismatchError(validation.ConfigError):
     """Teacher and student cannot be compared token by token."""
 
 
-def check_vocab(teacher: ModelConfig, student: ModelConfig) -> None:
-    """Fails at start-up, before any compile, when the vocabularies differ."""
-    if teacher.vocab_size != student.vocab_size:
+def check_vocab(teacher: tokenizer_lib.Tokenizer, student: tokenizer_lib.Tokenizer) -> int:
+    """The size of the vocabulary teacher and student are compared over: their one
+    tokenizer's. Their embedding tables may pad it to different row counts (Qwen2.5-7B
+    has 152064 rows, Qwen2.5-0.5B 151936, both for 151665 tokens); rows beyond it are
+    never produced by the tokenizer and get no probability (`per_token_terms`). Different
+    tokenizers are refused at start-up, before any compile, in one line."""
+    difference = tokenizer_lib.vocabulary_difference(teacher, student)
+    if difference is not None:
         raise VocabMismatchError(
-            f"teacher vocabulary has {teacher.vocab_size} entries but the student's has "
-            f"{student.vocab_size}: distillation compares distributions over one shared vocabulary"
+            f"teacher and student tokenizers differ (teacher vs student: {difference}): "
+            "distillation compares next-token distributions id by id, and cross-tokenizer "
+            "distillation is not supported yet"
         )
+    return student.vocab_size
 
 
 def completion_hidden(
@@ -116,9 +123,14 @@ def per_token_terms(
     cfg: DistillConfig,
     logits_sharding: Any = None,
     value_params: Params | None = None,
+    vocab_size: int | None = None,
 ) -> dict[str, jax.Array]:
     """`losses.token_statistics` of the batch's completions, each [B, N], and with
-    `value_params` the value head's "value" of each position (`credit.values`)."""
+    `value_params` the value head's "value" of each position (`credit.values`).
+
+    `vocab_size`: the shared tokenizer's (`check_vocab`); both heads are cut to it, so the
+    padding rows beyond it in either embedding table get no probability and no gradient,
+    and tables padded to different sizes compare. None: both heads whole (equal sizes)."""
     mask = batch.completion_mask_BxN
     student_hidden = completion_hidden(
         student_params,
@@ -140,11 +152,12 @@ def per_token_terms(
             mask,
         )
     )
+    teacher_head = jax.lax.stop_gradient(model.lm_head(teacher_params, teacher_config))
     terms = losses.token_statistics(
         teacher_hidden,
-        jax.lax.stop_gradient(model.lm_head(teacher_params, teacher_config)),
+        teacher_head[:, :vocab_size],
         student_hidden,
-        model.lm_head(student_params, student_config),
+        model.lm_head(student_params, student_config)[:, :vocab_size],
         batch.completion_BxN,
         cfg,
         sampler_logprob_BxT=batch.sampler_logprob_BxN,

@@ -17,11 +17,12 @@ two disagree on.
 from __future__ import annotations
 
 import dataclasses
+import functools
 
 import gin
 import numpy as np
 
-from opd_jax import config
+from opd_jax import validation
 
 
 @gin.configurable
@@ -39,10 +40,12 @@ class ColdStart:
     min_reward: float | None = None
 
     def __post_init__(self):
-        if not isinstance(self.steps, int) or self.steps < 0:
-            raise config.ConfigError(f"ColdStart.steps={self.steps!r} must be an integer >= 0")
-        if self.min_reward is not None and not 0.0 <= self.min_reward <= 1.0:
-            raise config.ConfigError(f"ColdStart.min_reward={self.min_reward} must be in [0, 1]")
+        check = functools.partial(validation.check_fields, self)
+        check(validation.check_int, "steps", minimum=0)
+        check(validation.check_number, "learning_rate", low=0, open_low=True)
+        check(validation.check_number, "temperature", low=0)
+        check(validation.check_number, "min_reward", low=0, high=1, or_none=True)
+        validation.check_types(self)
 
 
 @gin.configurable
@@ -59,13 +62,10 @@ class PromptSelection:
     rest_share: float = 0.1
 
     def __post_init__(self):
-        if not isinstance(self.candidates, int) or self.candidates < 0:
-            raise config.ConfigError(
-                f"PromptSelection.candidates={self.candidates!r} must be an integer >= 0"
-            )
-        for name in ("keep_fraction", "rest_share"):
-            if not 0.0 <= getattr(self, name) <= 1.0:
-                raise config.ConfigError(f"PromptSelection.{name} must be in [0, 1]")
+        check = functools.partial(validation.check_fields, self)
+        check(validation.check_int, "candidates", minimum=0)
+        check(validation.check_number, "keep_fraction", "rest_share", low=0, high=1)
+        validation.check_types(self)
 
 
 def kept_rows(rewards_B: np.ndarray, min_reward: float | None) -> np.ndarray:

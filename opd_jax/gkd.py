@@ -16,6 +16,7 @@ those estimators (or the RL term) cannot use.
 from __future__ import annotations
 
 import dataclasses
+import functools
 from collections.abc import Callable
 from typing import NamedTuple, Protocol
 
@@ -24,7 +25,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from opd_jax import config, sampling
+from opd_jax import config, sampling, validation
 from opd_jax.distill import DistillConfig
 
 FIXED_SOURCES = ("dataset", "teacher")
@@ -43,12 +44,10 @@ class MixtureConfig:
     fixed_source: str = "dataset"
 
     def __post_init__(self):
-        if not 0.0 <= self.on_policy_fraction <= 1.0:
-            raise ValueError(f"on_policy_fraction must be in [0, 1], got {self.on_policy_fraction}")
-        if self.fixed_source not in FIXED_SOURCES:
-            raise ValueError(
-                f"fixed_source must be one of {FIXED_SOURCES}, got {self.fixed_source!r}"
-            )
+        check = functools.partial(validation.check_fields, self)
+        check(validation.check_number, "on_policy_fraction", low=0, high=1)
+        check(validation.check_choice, "fixed_source", choices=FIXED_SOURCES)
+        validation.check_types(self)
 
 
 class RolloutSettings(Protocol):

@@ -16,6 +16,7 @@ import gin
 import jax
 import jax.numpy as jnp
 
+from opd_jax import validation
 from opd_jax.model import Params
 
 # Projection -> how many of its leading (after `layers`) axes are inputs: o maps
@@ -33,11 +34,14 @@ class LoraConfig:
     targets: tuple[str, ...] = ("q", "k", "v", "o", "gate", "up", "down")
 
     def __post_init__(self):
-        unknown = sorted(set(self.targets) - set(INPUT_AXES))
-        if unknown or not self.targets:
-            raise ValueError(f"LoRA targets {unknown or '()'} not among {sorted(INPUT_AXES)}")
-        if self.rank < 1:
-            raise ValueError(f"LoRA rank must be >= 1, got {self.rank}")
+        validation.check_fields(self, validation.check_int, "rank", minimum=1)
+        validation.check_fields(self, validation.check_number, "alpha", low=0, open_low=True)
+        validation.check_types(self)
+        if not self.targets or not set(self.targets) <= set(INPUT_AXES):
+            raise validation.ConfigError(
+                f"LoraConfig.targets={self.targets!r} must name one or more of "
+                f"{', '.join(INPUT_AXES)}"
+            )
 
     @property
     def scale(self) -> float:

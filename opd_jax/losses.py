@@ -30,13 +30,14 @@ Schulman's "Approximating KL Divergence" (2020) for k1 and k3.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 from typing import Any
 
 import jax
 import jax.numpy as jnp
 
-from opd_jax import credit, diagnostics, mesh
+from opd_jax import credit, diagnostics, mesh, validation
 
 DIVERGENCES = ("forward_kl", "reverse_kl", "jsd")
 ESTIMATORS = ("full", "teacher_topk", "student_topk", "pg", "k1", "k3")
@@ -51,21 +52,14 @@ _MIN_TAIL_PROB = float(jnp.finfo(jnp.float32).eps)
 # ------------------------------------------------------------------------ validation
 
 
-def _check_choice(name: str, value: str, choices: tuple[str, ...]) -> None:
-    if value not in choices:
-        raise ValueError(f"{name}={value!r} is not one of {choices}")
-
-
 def _check_temperature(temperature: float) -> None:
-    if not temperature > 0:
-        raise ValueError(f"temperature must be > 0, got {temperature}")
+    validation.check_number("temperature", temperature, 0.0, open_low=True)
 
 
 def _resolve_kind(kind: str, beta: float) -> str:
     """Checks a divergence; jsd at beta = 0 / 1 is forward / reverse KL (`token_divergence`)."""
-    _check_choice("divergence", kind, DIVERGENCES)
-    if not 0.0 <= beta <= 1.0:
-        raise ValueError(f"beta must be in [0, 1], got {beta}")
+    validation.check_choice("divergence", kind, DIVERGENCES)
+    validation.check_number("beta", beta, 0.0, 1.0)
     if kind == "jsd" and beta in (0.0, 1.0):
         return "forward_kl" if beta == 0.0 else "reverse_kl"
     return kind
@@ -86,7 +80,8 @@ class Objective:
     routing, routing_top_k: "overlap" sends the mass a token with a negative advantage
       loses to the teacher's and the student's shared top-`routing_top_k` tokens (CR-OPD);
       "none" spreads it as pg does. Both are defined in `credit`, "pg" only.
-    Every check runs here, so a bad combination fails when the config is built.
+    Every check runs here, so a bad combination fails when the config is built, in one
+    line naming the field as gin does (`DistillConfig.divergence`).
     """
 
     divergence: str = "jsd"
@@ -102,37 +97,38 @@ class Objective:
     routing_top_k: int = 16
 
     def __post_init__(self):
-        kind = self.kind
-        _check_temperature(self.temperature)
-        _check_choice("estimator", self.estimator, ESTIMATORS)
-        if self.estimator in REVERSE_KL_ESTIMATORS and kind != "reverse_kl":
-            valid = tuple(e for e in ESTIMATORS if e not in REVERSE_KL_ESTIMATORS)
-            raise ValueError(
-                f"estimator={self.estimator!r} estimates reverse KL only: it needs "
+        check = functools.partial(validation.check_fields, self)
+        check(validation.check_choice, "divergence", choices=DIVERGENCES)
+        check(validation.check_choice, "estimator", choices=ESTIMATORS)
+        check(validation.check_choice, "topk_form", choices=TOPK_FORMS)
+        check(validation.check_choice, "credit", choices=credit.CREDITS)
+        check(validation.check_choice, "routing", choices=credit.ROUTINGS)
+        check(validation.check_number, "beta", "gamma", "gae_lambda", low=0, high=1)
+        check(validation.check_number, "temperature", low=0, open_low=True)
+        check(validation.check_int, "top_k", minimum=0)
+        check(validation.check_int, "routing_top_k", minimum=1)
+        validation.check_types(self)
+        self._check_combinations()
+
+    def _check_combinations(self) -> None:
+        name = lambda field: validation.binding(self, field)
+        if self.estimator in REVERSE_KL_ESTIMATORS and self.kind != "reverse_kl":
+            valid = ", ".join(e for e in ESTIMATORS if e not in REVERSE_KL_ESTIMATORS)
+            raise validation.ConfigError(
+                f"{name('estimator')}={self.estimator!r} estimates reverse KL only: it needs "
                 f"divergence='reverse_kl' (or 'jsd' with beta=1); with divergence="
                 f"{self.divergence!r} and beta={self.beta} the valid estimators are {valid}"
             )
         if self.estimator in TOPK_ESTIMATORS and self.top_k < 1:
-            raise ValueError(
-                f"top_k must be >= 1 with estimator={self.estimator!r}, got {self.top_k}"
+            raise validation.ConfigError(
+                f"{name('top_k')}={self.top_k} must be >= 1 with estimator={self.estimator!r}"
             )
-        _check_choice("topk_form", self.topk_form, TOPK_FORMS)
-        self._check_credit()
-
-    def _check_credit(self) -> None:
-        _check_choice("credit", self.credit, credit.CREDITS)
-        _check_choice("routing", self.routing, credit.ROUTINGS)
         if self.reassigns_credit and self.estimator != "pg":
-            raise ValueError(
-                f"credit={self.credit!r} and routing={self.routing!r} change the gradient of "
-                f"estimator='pg' only, got estimator={self.estimator!r}: use 'pg', or credit="
-                "'immediate' and routing='none'"
+            raise validation.ConfigError(
+                f"{name('credit')}={self.credit!r} and routing={self.routing!r} change the "
+                f"gradient of estimator='pg' only, got estimator={self.estimator!r}: use 'pg', "
+                "or credit='immediate' and routing='none'"
             )
-        for name in ("gamma", "gae_lambda"):
-            if not 0.0 <= getattr(self, name) <= 1.0:
-                raise ValueError(f"{name} must be in [0, 1], got {getattr(self, name)}")
-        if self.routing_top_k < 1:
-            raise ValueError(f"routing_top_k must be >= 1, got {self.routing_top_k}")
 
     @property
     def reassigns_credit(self) -> bool:
@@ -326,7 +322,7 @@ def student_topk_reverse_kl(
     not clamped.
     """
     _check_k(k, student_logprobs_BxTxV.shape[-1], allow_full=True)
-    _check_choice("topk_form", form, TOPK_FORMS)
+    validation.check_choice("topk_form", form, TOPK_FORMS)
     logp_BxTxV = jax.lax.stop_gradient(teacher_logprobs_BxTxV)
     logq_BxTxV = student_logprobs_BxTxV
     _, top_ids_BxTxK = jax.lax.top_k(jax.lax.stop_gradient(logq_BxTxV), k)
@@ -375,7 +371,7 @@ def sampled_estimate(
     Positions outside `valid_BxT` are zeroed before the math: a padding token can have an
     extreme ratio whose inf would turn the masked-out gradient into NaN.
     """
-    _check_choice("estimator", estimator, SAMPLED_ESTIMATORS)
+    validation.check_choice("estimator", estimator, SAMPLED_ESTIMATORS)
     if valid_BxT is not None:
         keep = lambda x: jnp.where(valid_BxT.astype(bool), x, 0.0)
         teacher_logprob_BxT = keep(teacher_logprob_BxT)

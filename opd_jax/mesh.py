@@ -27,7 +27,7 @@ import numpy as np
 from jax.experimental import multihost_utils
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
 
-from opd_jax import model
+from opd_jax import model, validation
 
 MESH_AXES = ("data", "fsdp", "tensor")
 BATCH_AXES = ("data", "fsdp")  # the axes a batch's rows are split over
@@ -53,6 +53,9 @@ class MeshError(ValueError):
 
 def resolve_mesh_shape(shape: Sequence[int], num_devices: int) -> tuple[int, ...]:
     """Fills one -1 entry with the remaining devices; checks the product."""
+    is_int = lambda s: isinstance(s, (int, np.integer))
+    if not isinstance(shape, (tuple, list)) or not all(map(is_int, shape)):
+        raise MeshError(f"make_mesh.shape={shape!r} must be a tuple of integers {MESH_AXES}")
     shape = tuple(int(s) for s in shape)
     if len(shape) != len(MESH_AXES):
         raise MeshError(f"mesh shape {shape} must have {len(MESH_AXES)} entries {MESH_AXES}")
@@ -161,6 +164,9 @@ class Layout:
 
     rules: tuple = DEFAULT_RULES
     teacher_rules: tuple | None = None
+
+    def __post_init__(self):
+        validation.check_types(self)
 
     def placement(self, mesh: Mesh, role: str = "student") -> Placement:
         rules = self.teacher_rules if role == "teacher" and self.teacher_rules else self.rules

@@ -27,7 +27,7 @@ from typing import Any
 import gin
 import jax
 
-from opd_jax import data, lora
+from opd_jax import data, lora, validation
 from opd_jax.lora import LoraConfig
 from opd_jax.model import Params
 
@@ -57,10 +57,13 @@ class PrivilegedContext:
     separator: str = "\n\n"
 
     def __post_init__(self):
-        if self.placement not in PLACEMENTS:
-            raise ValueError(f"placement {self.placement!r} is not one of {PLACEMENTS}")
+        validation.check_fields(self, validation.check_choice, "placement", choices=PLACEMENTS)
+        validation.check_types(self)
         if self.placement == "system" and "{" in self.text:
-            raise ValueError("a system-placed privileged block is shared: it cannot name fields")
+            raise validation.ConfigError(
+                "PrivilegedContext.text: a system-placed privileged block is shared: it cannot "
+                "name fields"
+            )
 
 
 def teacher_template(student: data.PromptTemplate, ctx: PrivilegedContext) -> data.PromptTemplate:
@@ -129,10 +132,9 @@ class SelfTeacher:
     ema_decay: float = 0.99
 
     def __post_init__(self):
-        if self.weights not in TEACHERS:
-            raise ValueError(f"SelfTeacher.weights {self.weights!r} is not one of {TEACHERS}")
-        if not 0.0 <= self.ema_decay <= 1.0:
-            raise ValueError(f"SelfTeacher.ema_decay must be in [0, 1], got {self.ema_decay}")
+        validation.check_fields(self, validation.check_choice, "weights", choices=TEACHERS)
+        validation.check_fields(self, validation.check_number, "ema_decay", low=0, high=1)
+        validation.check_types(self)
 
 
 def self_teacher_weights(

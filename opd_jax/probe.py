@@ -19,7 +19,7 @@ from typing import Any
 import gin
 import numpy as np
 
-from opd_jax import config, data, evaluation
+from opd_jax import data, evaluation, validation
 
 # (prompt_BxP, prompt_valid_BxP) -> (tokens_BxN, lengths_B), host arrays: greedy completions
 Generate = Callable[[np.ndarray, np.ndarray], tuple[np.ndarray, np.ndarray]]
@@ -37,14 +37,13 @@ class TeacherProbe:
     examples: int = 16
 
     def __post_init__(self):
-        if not isinstance(self.every, int) or self.every < 0:
-            raise config.ConfigError(f"TeacherProbe.every={self.every!r} must be an integer >= 0")
+        validation.check_fields(self, validation.check_int, "every", minimum=0)
+        validation.check_fields(self, validation.check_int, "examples", minimum=1)
+        validation.check_types(self)
         if not self.fractions or not all(0.0 <= f < 1.0 for f in self.fractions):
-            raise config.ConfigError(
+            raise validation.ConfigError(
                 f"TeacherProbe.fractions={self.fractions!r}: give shares in [0, 1)"
             )
-        if self.examples < 1:
-            raise config.ConfigError("TeacherProbe.examples must be >= 1")
 
     def due(self, step: int, last: int) -> bool:
         return bool(self.every) and (step % self.every == 0 or step == last)

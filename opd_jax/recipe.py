@@ -29,11 +29,11 @@ Every setting is a gin parameter of `Task`, `Models`, `Schedule`, `RolloutSampli
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import logging
 import os
 import pathlib
-import sys
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
@@ -44,6 +44,7 @@ import numpy as np
 from etils import epath
 
 from opd_jax import (
+    assets,
     checkpoints,
     config,
     data,
@@ -63,6 +64,7 @@ from opd_jax import (
     sampling,
     train_state,
     update,
+    validation,
 )
 from opd_jax import probe as probe_lib
 from opd_jax import tokenizer as tokenizer_lib
@@ -108,6 +110,7 @@ class Task:
 
     def __post_init__(self):
         evaluation.resolve_metric(self.metric)  # a bad name or import path fails at start-up
+        validation.check_types(self)
 
     def template(self) -> data.PromptTemplate:
         if self.messages_key is not None:
@@ -161,6 +164,18 @@ class Models:
     student_sft_learning_rate: float = 1e-4
 
     def __post_init__(self):
+        check = functools.partial(validation.check_fields, self)
+        check(validation.check_int, "teacher_sft_steps", "student_sft_steps", minimum=0)
+        learning_rates = ("teacher_sft_learning_rate", "student_sft_learning_rate")
+        check(validation.check_number, *learning_rates, low=0, open_low=True)
+        validation.check_types(self)
+        layers = self.student_layers
+        if isinstance(layers, int):
+            validation.check_int("Models.student_layers", layers, minimum=1)
+        elif layers is not None and (not layers or min(layers) < 0):
+            raise config.ConfigError(
+                f"Models.student_layers={layers!r} must hold one or more layer indices >= 0"
+            )
         if self.teacher is None and self.student is None:
             raise config.ConfigError(
                 "Models.student: self-distillation (Models.teacher = None) needs the student's model"
@@ -170,6 +185,19 @@ class Models:
                 "Models.teacher_sft_steps: a self-distilling student has no separate teacher "
                 "to fine-tune; use Models.student_sft_steps"
             )
+
+    def kept_layers(self, n_layers: int) -> tuple[int, ...] | None:
+        """The layers of a source model of `n_layers` the student keeps (None: all)."""
+        layers = self.student_layers
+        if layers is None:
+            return None
+        count = isinstance(layers, int)  # else layer indices
+        if (layers > n_layers) if count else (max(layers) >= n_layers):
+            raise config.ConfigError(
+                f"Models.student_layers={layers!r}: the student's source model has {n_layers} "
+                f"layers (indices 0..{n_layers - 1})"
+            )
+        return model.evenly_spaced_layers(n_layers, layers) if count else layers
 
 
 @gin.configurable
@@ -207,16 +235,16 @@ class Schedule:
     distill_seed: int | None = None
 
     def __post_init__(self):
-        if self.cut_prompts not in CUT_POLICIES:
-            raise config.ConfigError(
-                f"Schedule.cut_prompts={self.cut_prompts!r} is not one of {CUT_POLICIES}"
-            )
-        for name in ("steps", "batch_size", "prompt_len", "completion_len", "eval_every"):
-            value = getattr(self, name)
-            if not isinstance(value, int) or value < 1:
-                raise config.ConfigError(f"Schedule.{name}={value!r} must be an integer >= 1")
-        if self.checkpoint_every < 1:
-            raise config.ConfigError("Schedule.checkpoint_every must be >= 1")
+        check = functools.partial(validation.check_fields, self)
+        sizes = ("steps", "batch_size", "prompt_len", "completion_len", "rl_group_size")
+        cadences = ("checkpoint_every", "eval_every", "eval_batch_size")
+        check(validation.check_int, *sizes, *cadences, minimum=1)
+        optional = ("teacher_prompt_len", "eval_examples", "test_examples")
+        check(validation.check_int, *optional, minimum=1, or_none=True)
+        check(validation.check_int, "seed", minimum=0)
+        check(validation.check_int, "distill_seed", minimum=0, or_none=True)
+        check(validation.check_choice, "cut_prompts", choices=CUT_POLICIES)
+        validation.check_types(self)
 
     def seed_of(self, stage: str) -> int:
         if stage == "distill" and self.distill_seed is not None:
@@ -232,6 +260,13 @@ class RolloutSampling:
     temperature: float = 1.0
     top_k: int = 0
     top_p: float = 1.0
+
+    def __post_init__(self):
+        check = functools.partial(validation.check_fields, self)
+        check(validation.check_number, "temperature", low=0)
+        check(validation.check_int, "top_k", minimum=0)
+        check(validation.check_number, "top_p", low=0, high=1, open_low=True)
+        validation.check_types(self)
 
 
 # ----------------------------------------------------------------------------- start-up
@@ -249,12 +284,23 @@ class LoadedModels:
     student_layers: tuple[int, ...] | None
 
 
+def check_model_sources(models: Models) -> None:
+    """Refuses a model that is not there, named as the binding that gave it, before a
+    tokenizer is looked for in it."""
+    for field in ("teacher", "student"):
+        spec = getattr(models, field)
+        if spec is not None and not checkpoints.is_source(spec):
+            packaged = ", ".join(sorted(assets.PACKAGED_CHECKPOINTS))
+            raise config.ConfigError(
+                f"Models.{field}: {spec} is not a packaged model name ({packaged}), a "
+                "checkpoint directory (with config.json) or a GGUF file"
+            )
+
+
 def load_models(models: Models) -> LoadedModels:
     source = models.student if models.student is not None else models.teacher
     source_config, source_params = checkpoints.load(source)
-    keep = models.student_layers
-    if isinstance(keep, int):
-        keep = model.evenly_spaced_layers(source_config.n_layers, keep)
+    keep = models.kept_layers(source_config.n_layers)
     if keep is None:
         student_config, student_params = source_config, source_params
     else:
@@ -265,7 +311,6 @@ def load_models(models: Models) -> LoadedModels:
         teacher_config, teacher_params = source_config, source_params
     else:
         teacher_config, teacher_params = checkpoints.load(models.teacher)
-    distill.check_vocab(teacher_config, student_config)
     return LoadedModels(teacher_config, teacher_params, student_config, student_params, keep)
 
 
@@ -553,9 +598,11 @@ class Run:
 
     def sampler(self, **settings: Any) -> sampling.SamplingConfig:
         """The sampler's settings for completions of Schedule.completion_len: greedy, as
-        evaluation is, unless `settings` (temperature, top_k, top_p) say otherwise."""
-        stops = {"eos_ids": self.tokenizer.eos_id, "pad_id": self.tokenizer.pad_id}
-        settings = {"temperature": 0.0, **settings, **stops}
+        evaluation is, unless `settings` (temperature, top_k, top_p) say otherwise; only
+        the tokenizer's ids are drawn, whatever padding the embedding table has."""
+        tokens = {"eos_ids": self.tokenizer.eos_id, "pad_id": self.tokenizer.pad_id}
+        tokens["vocab_size"] = self.tokenizer.vocab_size
+        settings = {"temperature": 0.0, **settings, **tokens}
         return sampling.SamplingConfig(self.schedule.completion_len, **settings)
 
     def score(
@@ -729,19 +776,22 @@ def run(
     cold, selection = fixes.ColdStart(), fixes.PromptSelection()
     teacher_probe = probe_lib.TeacherProbe()
     context = opsd.PrivilegedContext()
-    self_teacher = opsd.SelfTeacher() if models.teacher is None else None
-    lora_cfg = lora.LoraConfig() if models.use_lora else None
+    self_teacher, lora_cfg = opsd.SelfTeacher(), lora.LoraConfig()  # checked even if unused
+    self_teacher = self_teacher if models.teacher is None else None
+    lora_cfg = lora_cfg if models.use_lora else None
     device_mesh, layout = mesh.make_mesh(), mesh.Layout()
     placement = layout.placement(device_mesh)
     optim = train_state.OptimizerConfig()
     group = schedule.rl_group_size if cfg.rl_alpha < 1.0 else 1  # completions per prompt
     check_schedule(schedule, group, optim.grad_accum, device_mesh)
     gkd.check_rollouts(cfg, rollout_sampling, mixture.on_policy_fraction)
+    check_model_sources(models)
 
     with mesh.main_process_first("inputs ready"):  # they may be built into a shared cache
         student_source = models.student or models.teacher
         tokenizer = tokenizer_lib.load(student_source)
         teacher_tokenizer = tokenizer_lib.load(models.teacher or student_source)
+        vocab_size = distill.check_vocab(teacher_tokenizer, tokenizer)
         splits = task.splits()
         loaded = load_models(models)
     template = task.template()
@@ -754,7 +804,9 @@ def run(
     teacher_spec = dataclasses.replace(spec, prompt_len=teacher_width, template=teacher_template)
     check_prompt_lengths(splits, spec, teacher_spec, tokenizer, schedule.cut_prompts)
 
-    roles = update.Roles(loaded.student_config, loaded.teacher_config, self_teacher, lora_cfg)
+    roles = update.Roles(
+        loaded.student_config, loaded.teacher_config, self_teacher, lora_cfg, vocab_size
+    )
     for model_config in (roles.teacher, roles.student):
         mesh.check_model_fits_mesh(model_config, device_mesh)
     student_sharding = placement.params(roles.student)
@@ -813,7 +865,7 @@ def run(
         )
         if cold.steps:  # the teacher is fixed while the student learns from its samples
             teacher_of_cold = student_params if teacher_params is None else teacher_params
-            cold_roles = update.Roles(roles.student, roles.teacher)
+            cold_roles = dataclasses.replace(roles, self_teacher=None, lora=None)
             cold_frozen = {"teacher": teacher_of_cold, "base": None}
             student_params = r.fine_tune(
                 "cold_start",
@@ -938,7 +990,5 @@ def main(description: str, default_gin_file: pathlib.Path, default_workdir: str)
     logging.basicConfig(level=logging.WARNING)
     config.enable_compilation_cache()
     args = config.parse(description, default_gin_files=[str(default_gin_file)])
-    try:
+    with config.exit_on_config_error():  # settings, found before any compile
         run(args.workdir or default_workdir, title=default_gin_file.stem, restart=args.restart)
-    except (config.ConfigError, mesh.MeshError) as err:  # settings, before any compile
-        sys.exit(f"error: {err}")

@@ -36,6 +36,8 @@ class SamplingConfig:
     pad_id: written after a row's EOS.
     max_len: the longest prompt + completion the model may see (e.g. its context window);
       None puts no limit. The cache itself is always prompt width + max_new_tokens.
+    vocab_size: the tokenizer's vocabulary; rows of the embedding table at or beyond it are
+      padding, never drawn and outside every log-prob. None: every row is a token.
     """
 
     max_new_tokens: int
@@ -45,6 +47,7 @@ class SamplingConfig:
     eos_ids: int | tuple[int, ...] = ()
     pad_id: int = 0
     max_len: int | None = None
+    vocab_size: int | None = None
 
     def __post_init__(self):
         eos_ids = (self.eos_ids,) if isinstance(self.eos_ids, int) else tuple(self.eos_ids)
@@ -62,8 +65,10 @@ class SamplingConfig:
         for name, ids in (("eos_ids", eos_ids), ("pad_id", (self.pad_id,))):
             if not all(_is_int(i) and i >= 0 for i in ids):
                 raise ValueError(f"{name} must be non-negative integer token ids, got {ids!r}")
-        if self.max_len is not None and (not _is_int(self.max_len) or self.max_len < 1):
-            raise ValueError(f"max_len must be an integer >= 1 or None, got {self.max_len!r}")
+        for name in ("max_len", "vocab_size"):
+            value = getattr(self, name)
+            if value is not None and (not _is_int(value) or value < 1):
+                raise ValueError(f"{name} must be an integer >= 1 or None, got {value!r}")
 
     @property
     def greedy(self) -> bool:
@@ -71,6 +76,7 @@ class SamplingConfig:
 
     def check(self, vocab_size: int, prompt_width: int) -> None:
         """The checks that need the model's vocabulary and the prompt width (both static)."""
+        vocab_size = min(vocab_size, self.vocab_size or vocab_size)
         if self.top_k > vocab_size:
             raise ValueError(f"top_k={self.top_k} is larger than the vocabulary ({vocab_size})")
         for name, ids in (("eos_ids", self.eos_ids), ("pad_id", (self.pad_id,))):
@@ -154,7 +160,9 @@ def _emit(
     state: _DecodeState, logits_BxV: jax.Array, row_keys_B: jax.Array, config: SamplingConfig
 ) -> _DecodeState:
     """Draws the token for position `step` and writes it with its sampling and raw
-    (temperature-1) log-probs; rows already done write padding."""
+    (temperature-1) log-probs, both over the vocabulary alone; rows already done write
+    padding."""
+    logits_BxV = logits_BxV[:, : config.vocab_size]
     if config.greedy:
         token_B = jnp.argmax(logits_BxV, axis=-1).astype(jnp.int32)
         logprob_B = jnp.zeros(token_B.shape, jnp.float32)

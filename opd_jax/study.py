@@ -28,7 +28,7 @@ import gin
 import numpy as np
 from etils import epath
 
-from opd_jax import config, paths, recipe, reporting
+from opd_jax import config, paths, recipe, reporting, validation
 
 AFTER = "student after distillation"
 
@@ -51,6 +51,7 @@ class Study:
     seeds: Sequence[int] = (0, 1)
 
     def __post_init__(self):
+        validation.check_types(self)
         if not self.seeds:
             raise config.ConfigError("Study.seeds: give at least one seed")
         for name, values in self.grid.items():

@@ -555,6 +555,24 @@ def _sentencepiece_as_tokenizers(
     return tok
 
 
+# --------------------------------------------------------------------------- comparison
+
+
+def vocabulary_difference(a: Tokenizer, b: Tokenizer) -> str | None:
+    """Where two tokenizers' vocabularies first differ ("151665 vs 49152 tokens", "token 17
+    is 'x' vs 'y'", the special tokens), or None when every id is the same token in both:
+    then their models' next-token distributions compare id by id, however many padding
+    rows either model's embedding table has beyond the vocabulary."""
+    if a.vocab_size != b.vocab_size:
+        return f"{a.vocab_size} vs {b.vocab_size} tokens"
+    for i in range(a.vocab_size):
+        if a.backend.token(i) != b.backend.token(i):
+            return f"token {i} is {a.backend.token(i)!r} vs {b.backend.token(i)!r}"
+    if a.special_ids != b.special_ids:
+        return f"special token ids differ: {sorted(a.special_ids ^ b.special_ids)[:5]}"
+    return None
+
+
 # --------------------------------------------------------------------------- one entry point
 
 

@@ -14,6 +14,7 @@ non-finite loss or gradient skips the update, and the host stops the run
 from __future__ import annotations
 
 import dataclasses
+import functools
 from collections.abc import Callable
 from typing import Any, NamedTuple
 
@@ -23,7 +24,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from opd_jax import config, credit, mesh
+from opd_jax import credit, mesh, validation
 from opd_jax.model import Params
 
 
@@ -41,10 +42,12 @@ class OptimizerConfig:
     grad_accum: int = 1
 
     def __post_init__(self):
-        if not isinstance(self.grad_accum, int) or self.grad_accum < 1:
-            raise config.ConfigError(
-                f"OptimizerConfig.grad_accum={self.grad_accum!r} must be an integer >= 1"
-            )
+        check = functools.partial(validation.check_fields, self)
+        check(validation.check_number, "learning_rate", "max_grad_norm", low=0, open_low=True)
+        check(validation.check_number, "weight_decay", low=0)
+        check(validation.check_int, "warmup_steps", minimum=0)
+        check(validation.check_int, "grad_accum", minimum=1)
+        validation.check_types(self)
 
 
 @flax.struct.dataclass

@@ -33,12 +33,31 @@ Frozen = dict[str, Params | None]
 
 @dataclasses.dataclass(frozen=True)
 class Roles:
-    """Who teaches whom; hashable, so the jitted steps take it as static."""
+    """Who teaches whom; hashable, so the jitted steps take it as static.
+
+    vocab_size: the tokenizer's vocabulary (`distill.check_vocab`), which the loss compares
+    the two models over; rows of either embedding table beyond it are padding. None: the
+    tables have one size and no padding to leave out.
+    """
 
     student: ModelConfig
     teacher: ModelConfig
     self_teacher: opsd.SelfTeacher | None = None  # None: a separate teacher model
     lora: LoraConfig | None = None
+    vocab_size: int | None = None
+
+    def __post_init__(self):
+        rows = {"student": self.student.vocab_size, "teacher": self.teacher.vocab_size}
+        if self.vocab_size is None and rows["student"] != rows["teacher"]:
+            raise ValueError(
+                f"embedding tables of {rows} rows: give Roles.vocab_size, the size of the "
+                "vocabulary their tokenizer shares (`distill.check_vocab`)"
+            )
+        if self.vocab_size is not None and not 1 <= self.vocab_size <= min(rows.values()):
+            raise ValueError(
+                f"a vocabulary of {self.vocab_size} tokens does not fit embedding tables of "
+                f"{rows} rows"
+            )
 
     @property
     def teacher_kind(self) -> str:
@@ -185,7 +204,6 @@ def make_update_step(
     micro-batches. Without `shardings`, one device. When cfg learns a value head, the
     state must hold one (`init_state` with cfg.value_optimizer()).
     """
-    distill.check_vocab(roles.teacher, roles.student)
 
     def loss_shares(trainable, frozen_and_ema, micro, counts):
         frozen, ema = frozen_and_ema
@@ -200,6 +218,7 @@ def make_update_step(
             cfg,
             None if shardings is None else shardings.logits,
             value_params,
+            roles.vocab_size,
         )
         return distill.loss_terms(terms, micro, cfg, counts)
 
@@ -237,6 +256,7 @@ def make_alignment_scorer(
             roles.teacher,
             cfg,
             None if shardings is None else shardings.logits,
+            vocab_size=roles.vocab_size,
         )
         mask_BxN = batch.completion_mask_BxN.astype(jnp.float32)
         return jnp.sum(terms["overlap_ratio"] * mask_BxN, 1) / jnp.maximum(mask_BxN.sum(1), 1.0)

@@ -110,6 +110,31 @@ def tiny_student_dir(tiny_teacher_dir, tmp_path_factory) -> pathlib.Path:
     return directory
 
 
+PADDING_ROWS = 64
+
+
+@pytest.fixture(scope="session")
+def tiny_padded_student_dir(tiny_student_dir, tmp_path_factory) -> pathlib.Path:
+    """The tiny student with its (tied) embedding table padded by PADDING_ROWS rows, as
+    checkpoints pad theirs to a round size, with the same tokenizer. The padded rows are
+    random and large: left in, they would take most of every next-token distribution."""
+    import dataclasses
+
+    import jax
+    import numpy as np
+
+    from opd_jax import tokenizer as tokenizer_lib
+
+    config, params = checkpoints.load(tiny_student_dir)
+    embed = params["embed"]
+    noise = jax.random.normal(jax.random.key(2), (PADDING_ROWS, embed.shape[1]))
+    padded = {**params, "embed": np.concatenate([embed, 50.0 * np.std(embed) * noise])}
+    config = dataclasses.replace(config, vocab_size=config.vocab_size + PADDING_ROWS)
+    directory = checkpoints.save_hf_dir(config, padded, tmp_path_factory.mktemp("tiny_padded"))
+    tokenizer_lib.load(tiny_student_dir).save_hf(directory)
+    return directory
+
+
 class RealModels:
     """Cached access to the packaged checkpoints, ours and the reference's."""
 

@@ -212,6 +212,17 @@ def test_missing_path_is_named(tmp_path):
         checkpoints.load(tmp_path / "nope")
 
 
+def test_a_model_source_is_a_packaged_name_a_checkpoint_directory_or_a_gguf_file(tmp_path):
+    (tmp_path / "hf").mkdir()
+    (tmp_path / "hf" / "config.json").write_text("{}")
+    (tmp_path / "model.gguf").write_bytes(b"")
+    (tmp_path / "model.safetensors").write_bytes(b"")
+    sources = ["smollm2-135m-instruct", tmp_path / "hf", str(tmp_path / "model.gguf")]
+    assert all(checkpoints.is_source(s) for s in sources)
+    others = ["smollm2", tmp_path / "nope", tmp_path, tmp_path / "model.safetensors"]
+    assert not any(checkpoints.is_source(s) for s in others)
+
+
 def test_missing_config_is_named(tmp_path):
     directory = _copy("llama", tmp_path)
     (directory / "config.json").unlink()

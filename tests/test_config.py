@@ -1,8 +1,13 @@
 """gin flags: good bindings apply, bad ones fail in one line that names them."""
 
+import re
+
 import gin
 import pytest
+from test_validation import build_all
 
+from experiments import gkd_arithmetic, gkd_summarize, opsd_math, opsd_rule
+from experiments import study as study_entry
 from opd_jax import config
 
 
@@ -46,3 +51,24 @@ def test_operative_config_records_used_bindings(tmp_path):
     _toy_configurable()
     text = config.save_operative_config(tmp_path).read_text()
     assert "_toy_configurable.rate = 0.25" in text
+
+
+@pytest.mark.parametrize(
+    "module, build",
+    [
+        (gkd_summarize, build_all),
+        (gkd_arithmetic, build_all),
+        (opsd_math, build_all),
+        (opsd_rule, build_all),
+        (study_entry, study_entry.settings),
+    ],
+    ids=lambda x: getattr(x, "__name__", ""),
+)
+def test_every_binding_help_shows_is_real(module, build):
+    """`--help` of each entry point: its own example and the flag's both apply to its gin
+    file and build every config."""
+    text = config.flag_parser(module.__doc__).format_help()
+    shown = re.findall(r"'(\w+\.\w+ ?=[^']+)'", text)
+    assert len(shown) == 2, shown
+    config.apply_gin([str(module.GIN_FILE)], shown)
+    build()

@@ -16,7 +16,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from opd_jax import credit, distill, loop, losses, mesh, model, train_state, update
+from opd_jax import config, credit, distill, loop, losses, mesh, model, train_state, update
 from opd_jax.model import ModelConfig
 
 ATOL = 3e-6  # advantages
@@ -232,17 +232,23 @@ def test_credit_and_routing_reduce_to_pg_when_they_change_nothing():
             {"divergence": "reverse_kl", "estimator": "k3", "routing": "overlap"},
             r"estimator='pg' only, got estimator='k3'",
         ),
-        ({"credit": "returns"}, r"credit='returns' is not one of \('immediate'"),
-        ({"routing": "all"}, r"routing='all' is not one of \('none', 'overlap'\)"),
-        ({"gamma": 1.5}, r"gamma must be in \[0, 1\]"),
-        ({"value_learning_rate": 0.0}, r"value_learning_rate must be > 0"),
+        (
+            {"credit": "returns"},
+            r"^DistillConfig.credit='returns' is not one of immediate, return_to_go, discounted, gae$",
+        ),
+        ({"routing": "all"}, r"^DistillConfig.routing='all' is not one of none, overlap$"),
+        ({"gamma": 1.5}, r"^DistillConfig.gamma=1.5 must be a number in \[0, 1\]$"),
+        (
+            {"value_learning_rate": 0.0},
+            r"^DistillConfig.value_learning_rate=0.0 must be a number > 0$",
+        ),
     ],
 )
 def test_invalid_credit_bindings_fail_with_one_line(bindings, message):
     gin.parse_config([f"DistillConfig.{k} = {v!r}".replace("'", '"') for k, v in bindings.items()])
-    with pytest.raises(ValueError) as err:
+    with pytest.raises(config.ConfigError) as err:
         distill.DistillConfig()
-    assert re.search(message, str(err.value).splitlines()[0])
+    assert re.search(message, config.error_line(err.value))
 
 
 STUDENT = ModelConfig(

@@ -3,7 +3,9 @@ accumulation is exact, RL is on the divergence's scale, bad inputs stop it clean
 
 import dataclasses
 import functools
+import json
 import re
+import shutil
 
 import gin
 import jax
@@ -11,9 +13,11 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
+from conftest import PADDING_ROWS
 from one_device import gkd_rollout, gkd_update
 
-from opd_jax import distill, gkd, losses, model, sampling, train_state
+from opd_jax import checkpoints, config, distill, gkd, losses, model, sampling, train_state, update
+from opd_jax import tokenizer as tokenizer_lib
 from opd_jax.model import ModelConfig
 
 TEACHER = ModelConfig(
@@ -400,19 +404,25 @@ def test_logprob_mismatch_compares_sampler_and_learner_on_sampled_rows_only():
     [
         (
             {"estimator": "pg"},
-            r"estimator='pg' estimates reverse KL only.*\('full', 'teacher_topk'\)",
+            r"^DistillConfig.estimator='pg' estimates reverse KL only.*full, teacher_topk$",
         ),
-        ({"estimator": "sampled_reverse_kl"}, r"estimator='sampled_reverse_kl' is not one of"),
-        ({"divergence": "sampled_reverse_kl"}, r"divergence='sampled_reverse_kl' is not one of"),
-        ({"rl_alpha": 1.5}, r"rl_alpha must be in \[0, 1\]"),
+        (
+            {"estimator": "sampled_reverse_kl"},
+            r"^DistillConfig.estimator='sampled_reverse_kl' is not one of full, teacher_topk, ",
+        ),
+        (
+            {"divergence": "sampled_reverse_kl"},
+            r"^DistillConfig.divergence='sampled_reverse_kl' is not one of forward_kl, ",
+        ),
+        ({"rl_alpha": 1.5}, r"^DistillConfig.rl_alpha=1.5 must be a number in \[0, 1\]$"),
     ],
 )
 def test_invalid_objective_bindings_fail_when_the_config_is_built(kwargs, message):
     bindings = [f"DistillConfig.{name} = {value!r}" for name, value in kwargs.items()]
     gin.parse_config([b.replace("'", '"') for b in bindings])
-    with pytest.raises(ValueError) as err:
+    with pytest.raises(config.ConfigError) as err:
         distill.DistillConfig()
-    assert re.search(message, str(err.value).splitlines()[0])  # gin appends its own line
+    assert re.search(message, config.error_line(err.value))  # gin appends its own lines
 
 
 def test_positive_advantage_raises_the_completion_likelihood():
@@ -440,16 +450,107 @@ def test_positive_advantage_raises_the_completion_likelihood():
     assert after[0] > before[0] and after[1] < before[1], (before, after)
 
 
-def test_vocabulary_mismatch_fails_with_both_sizes():
+def test_tables_of_different_sizes_need_the_vocabulary_they_share():
     student = dataclasses.replace(STUDENT, vocab_size=49152)
     teacher = dataclasses.replace(TEACHER, vocab_size=262144)
-    with pytest.raises(distill.VocabMismatchError, match="262144.*49152"):
-        gkd_update(
-            student,
-            teacher,
-            distill.DistillConfig(),
-            train_state.make_optimizer(train_state.OptimizerConfig(), total_steps=100),
+    with pytest.raises(ValueError, match="give Roles.vocab_size"):
+        update.Roles(student, teacher)
+    with pytest.raises(ValueError, match="a vocabulary of 50000 tokens does not fit"):
+        update.Roles(student, teacher, vocab_size=50000)
+    assert update.Roles(student, teacher, vocab_size=49152).vocab_size == 49152
+
+
+# ------------------------------------------------------------- padded vocabularies
+
+
+def _tiny(directory):
+    return (*checkpoints.load(directory), tokenizer_lib.load(directory))
+
+
+def test_padded_rows_get_no_probability_and_no_gradient(
+    tiny_teacher_dir, tiny_student_dir, tiny_padded_student_dir
+):
+    """The tiny pair against the same pair with the student's table padded by 64 random
+    rows: the tokenizers match, so they train together, and every per-token term, the
+    exact divergence and its gradient are the unpadded pair's; the padded rows, which
+    would take most of the student's probability, get none and no gradient."""
+    teacher_config, teacher, teacher_tokenizer = _tiny(tiny_teacher_dir)
+    student_config, student, _ = _tiny(tiny_student_dir)
+    padded_config, padded, padded_tokenizer = _tiny(tiny_padded_student_dir)
+    vocab = distill.check_vocab(teacher_tokenizer, padded_tokenizer)
+    assert vocab == teacher_config.vocab_size == padded_config.vocab_size - PADDING_ROWS
+    batch = _batch(2, seed=3)  # ids below TEACHER.vocab_size, so real tokens here too
+    cfg = distill.DistillConfig(estimator="full")
+
+    def exact(params, config):
+        terms = distill.per_token_terms(
+            params, teacher, batch, config, teacher_config, cfg, vocab_size=vocab
         )
+        return losses.masked_mean(terms["divergence"], batch.completion_mask_BxN), terms
+
+    grad = jax.value_and_grad(exact, has_aux=True)
+    (value, terms), grads = grad(student, student_config)
+    (padded_value, padded_terms), padded_grads = grad(padded, padded_config)
+    np.testing.assert_allclose(padded_value, value, rtol=1e-6)
+    jax.tree.map(
+        lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6), padded_terms, terms
+    )
+    np.testing.assert_array_equal(padded_grads["embed"][vocab:], 0.0)
+    padded_grads["embed"] = padded_grads["embed"][:vocab]
+    jax.tree.map(
+        lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-8), padded_grads, grads
+    )
+    hidden = distill.completion_hidden(
+        padded, padded_config, batch.prompt_BxP, batch.prompt_valid_BxP, batch.completion_BxN,
+        batch.completion_mask_BxN,
+    )  # fmt: skip
+    probs = jax.nn.softmax(model.logits_from_hidden(padded, hidden, padded_config))
+    assert float(jnp.mean(jnp.sum(probs[..., vocab:], axis=-1))) > 0.5
+
+
+def test_the_sampler_never_draws_a_padding_row(tiny_student_dir, tiny_padded_student_dir):
+    """Told the vocabulary, the padded student samples exactly what the unpadded one does;
+    untold, it draws padding ids."""
+    student_config, student, _ = _tiny(tiny_student_dir)
+    padded_config, padded, tokenizer = _tiny(tiny_padded_student_dir)
+    prompts = _batch(4, seed=5)
+    settings = sampling.SamplingConfig(8, vocab_size=tokenizer.vocab_size)
+
+    def draw(params, config, settings):
+        return sampling.generate(
+            params, prompts.prompt_BxP, prompts.prompt_valid_BxP, jax.random.key(0), config,
+            settings,
+        )  # fmt: skip
+
+    unpadded = draw(student, student_config, settings)
+    masked = draw(padded, padded_config, settings)
+    np.testing.assert_array_equal(masked.tokens_BxN, unpadded.tokens_BxN)
+    np.testing.assert_allclose(masked.logprobs_BxN, unpadded.logprobs_BxN, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(
+        masked.raw_logprobs_BxN, unpadded.raw_logprobs_BxN, rtol=1e-5, atol=1e-6
+    )
+    untold = draw(padded, padded_config, dataclasses.replace(settings, vocab_size=None))
+    assert int(jnp.max(untold.tokens_BxN)) >= tokenizer.vocab_size
+
+
+def test_different_tokenizers_are_refused_in_one_line(tiny_teacher_dir, tmp_path):
+    """Another tokenizer (Gemma 3's), and SmolLM2's with two tokens' ids swapped."""
+    smollm2 = tokenizer_lib.load(tiny_teacher_dir)
+    with pytest.raises(distill.VocabMismatchError) as err:
+        distill.check_vocab(tokenizer_lib.load("gemma3-270m"), smollm2)
+    assert str(err.value) == (
+        "teacher and student tokenizers differ (teacher vs student: 262144 vs 49152 tokens): "
+        "distillation compares next-token distributions id by id, and cross-tokenizer "
+        "distillation is not supported yet"
+    )
+    swapped = json.loads((tiny_teacher_dir / "tokenizer.json").read_text())
+    vocab = swapped["model"]["vocab"]
+    first, second = (token for token, i in vocab.items() if i in (1000, 1001))
+    vocab[first], vocab[second] = vocab[second], vocab[first]
+    (tmp_path / "tokenizer.json").write_text(json.dumps(swapped))
+    shutil.copy(tiny_teacher_dir / "tokenizer_config.json", tmp_path)
+    with pytest.raises(distill.VocabMismatchError, match=r"\(teacher vs student: token 1000 is "):
+        distill.check_vocab(smollm2, tokenizer_lib.load(tmp_path))
 
 
 def test_non_finite_loss_keeps_the_state_and_names_the_step_and_terms():

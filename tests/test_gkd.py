@@ -2,6 +2,7 @@
 they carry, the rollouts each update accepts, and RL advantages."""
 
 import dataclasses
+import re
 
 import jax
 import jax.numpy as jnp
@@ -137,13 +138,20 @@ def test_target_width_must_match_the_sampling_budget(inputs):
 @pytest.mark.parametrize(
     "kwargs, message",
     [
-        ({"on_policy_fraction": 1.5}, "on_policy_fraction must be in"),
-        ({"fixed_source": "student"}, "fixed_source must be one of"),
+        (
+            {"on_policy_fraction": 1.5},
+            r"^MixtureConfig.on_policy_fraction=1.5 must be a number in \[0, 1\]$",
+        ),
+        (
+            {"fixed_source": "student"},
+            r"^MixtureConfig.fixed_source='student' is not one of dataset, teacher$",
+        ),
     ],
 )
 def test_bad_mixture_settings_raise(kwargs, message):
-    with pytest.raises(ValueError, match=message):
+    with pytest.raises(config.ConfigError) as err:
         gkd.MixtureConfig(**kwargs)
+    assert re.search(message, config.error_line(err.value))  # gin appends its own lines
 
 
 def test_group_advantages_are_normalized_within_each_group():

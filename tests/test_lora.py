@@ -6,7 +6,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from opd_jax import checkpoints, lora, model
+from opd_jax import checkpoints, config, lora, model
 from opd_jax.model import ModelConfig
 
 CONFIG = ModelConfig(
@@ -62,7 +62,8 @@ def test_targets_limit_which_projections_change():
         k for k in base["layers"] if not np.array_equal(merged["layers"][k], base["layers"][k])
     }
     assert changed == {"q", "v"}
-    with pytest.raises(ValueError, match="not among"):
+    message = r"^LoraConfig.targets=\('q', 'query'\) must name one or more of q, k, v, o, "
+    with pytest.raises(config.ConfigError, match=message):
         lora.LoraConfig(targets=("q", "query"))
 
 
