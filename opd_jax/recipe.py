@@ -109,8 +109,11 @@ class Task:
     data_dir: str | None = None
 
     def __post_init__(self):
-        evaluation.resolve_metric(self.metric)  # a bad name or import path fails at start-up
         validation.check_types(self)
+        try:  # a bad name or import path fails at start-up, naming the binding
+            evaluation.resolve_metric(self.metric)
+        except config.ConfigError as err:
+            raise config.ConfigError(f"Task.metric: {err}") from None
 
     def template(self) -> data.PromptTemplate:
         if self.messages_key is not None:

@@ -343,11 +343,11 @@ def test_user_metric_by_import_path_scores_and_rewards():
     [
         (
             "no_such_module:score",
-            "metric 'no_such_module:score': cannot import 'no_such_module': ModuleNotFoundError: No module named 'no_such_module'",
+            "Task.metric: metric 'no_such_module:score': cannot import 'no_such_module': ModuleNotFoundError: No module named 'no_such_module'",
         ),
         (
             "user_metric:nope",
-            "metric 'user_metric:nope': module 'user_metric' has no function 'nope'",
+            "Task.metric: metric 'user_metric:nope': module 'user_metric' has no function 'nope'",
         ),
     ],
 )

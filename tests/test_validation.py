@@ -80,7 +80,10 @@ BAD_VALUES = {  # binding -> its one-line error (the README's table)
     'Schedule.steps="ten"': "Schedule.steps='ten' must be an integer >= 1",
     "Schedule.eval_examples=0": "Schedule.eval_examples=0 must be an integer >= 1 or None",
     'Schedule.cut_prompts="cut"': "Schedule.cut_prompts='cut' is not one of warn, refuse",
-    'Task.metric="rouge"': "Task.metric='rouge' is not one of summarization, math",
+    'Task.metric="rouge2"': (
+        "Task.metric: unknown metric 'rouge2'; known: ['bleu', 'chrf', 'exact_match', 'math', "
+        "'rouge', 'summarization'], or 'module:function'"
+    ),
     'Models.use_lora="yes"': "Models.use_lora='yes' must be True or False",
     'Models.student_layers="two"': (
         "Models.student_layers='two' must be an integer, a tuple of integers or None"
