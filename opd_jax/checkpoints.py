@@ -557,9 +557,28 @@ def _unpermute_rotary(w: np.ndarray, n_heads: int) -> np.ndarray:
     return w.reshape(n_heads, w.shape[0] // n_heads // 2, 2, -1).swapaxes(1, 2).reshape(w.shape)
 
 
+def _hf_shape(tensor: gguf.ReaderTensor) -> tuple[int, ...]:
+    """GGUF lists a tensor's dimensions fastest first; HF (and numpy) slowest first."""
+    return tuple(int(n) for n in reversed(tensor.shape))
+
+
+_DEQUANTIZED_CHUNK_BYTES = 1 << 24
+
+
 def _dequantize(tensor: gguf.ReaderTensor, path: pathlib.Path) -> np.ndarray:
+    """The whole tensor in float32 (HF layout), dequantized 16 MB of rows at a time (a
+    quantization block never spans rows), so the dequantizer's temporaries stay that
+    small beside a large tensor such as Gemma's 262144-token embedding."""
+    shape = _hf_shape(tensor)
+    dequantize = lambda data: gguf.quants.dequantize(data, tensor.tensor_type)
     try:
-        return np.asarray(gguf.quants.dequantize(tensor.data, tensor.tensor_type), np.float32)
+        if len(shape) == 1:
+            return np.asarray(dequantize(tensor.data), np.float32)
+        weights = np.empty(shape, np.float32)
+        rows = max(1, _DEQUANTIZED_CHUNK_BYTES // (4 * math.prod(shape[1:])))
+        for start in range(0, shape[0], rows):
+            weights[start : start + rows] = dequantize(tensor.data[start : start + rows])
+        return weights
     except NotImplementedError:
         raise CheckpointError(
             f"{path}: tensor {tensor.name} has GGUF type {tensor.tensor_type.name}, "
@@ -592,7 +611,7 @@ class _Gguf:
 
     def shape(self, name: str) -> tuple[int, ...] | None:
         tensor = self._tensors.get(name)
-        return None if tensor is None else tuple(int(n) for n in reversed(tensor.shape))
+        return None if tensor is None else _hf_shape(tensor)
 
     def read(self, name: str, index: tuple[slice, ...]) -> np.ndarray:
         if self._last is None or self._last[0] != name:
@@ -622,7 +641,9 @@ def _opened_gguf(path: pathlib.Path) -> Iterator[Checkpoint]:
             f"{path}: not a readable GGUF file ({type(err).__name__}: {err})"
         ) from None
     config = config_from_hf(_hf_config_from_gguf(reader, path))
-    yield Checkpoint(config, _Gguf(reader, config, path))
+    tensors = _Gguf(reader, config, path)
+    del reader  # its metadata, a whole vocabulary as Python objects, can go before loading
+    yield Checkpoint(config, tensors)
 
 
 def load_gguf(path: str | pathlib.Path, dtype: Any = jnp.float32) -> tuple[ModelConfig, Params]:
