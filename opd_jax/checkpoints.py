@@ -4,15 +4,27 @@ Every source is first turned into the Hugging Face form (a config dict plus tens
 under HF names, in HF layout), then one table maps HF names to our params. GGUF files
 go through that same table after dequantization and llama.cpp's layout fixes are
 undone, and export runs the table backwards, so the three paths cannot drift apart.
+
+Params are read tensor by tensor, and given their shardings (`Checkpoint.params`), each
+is built straight into them: every device's shard is read from the checkpoint on its
+own (a slice of a safetensors file; a GGUF tensor is dequantized whole, one at a time),
+so no host and no device ever holds more than its own shards plus one tensor, and a
+model larger than one device reaches a mesh. Layers a student does not keep are never
+read.
 """
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
+import functools
 import json
+import math
+import operator
 import pathlib
 import re
-from collections.abc import Iterator
-from typing import Any
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from typing import Any, Protocol
 
 import gguf
 import jax
@@ -21,8 +33,8 @@ import numpy as np
 import safetensors
 import safetensors.numpy
 
-from opd_jax import assets
-from opd_jax.model import ModelConfig, Params, RopeConfig, param_shapes
+from opd_jax import assets, model
+from opd_jax.model import ModelConfig, Params, RopeConfig
 
 # Our family -> (HF model_type, HF architecture); GGUF files name their architecture by family.
 _FAMILIES = {
@@ -211,37 +223,183 @@ def _is_gemma_norm(config: ModelConfig, hf_name: str) -> bool:
     return config.family == "gemma3" and hf_name.endswith("norm.weight")
 
 
+# --------------------------------------------------------------------------- reading params
+
+Box = tuple[tuple[int, int], ...]  # a block of an array: [start, stop) along every axis
+Sharding = jax.sharding.Sharding | None  # None: the whole array on the default device
+ShardingsOf = Callable[[ModelConfig], Params]  # a config -> its params' shardings
+
+
+class _Tensors(Protocol):
+    """A checkpoint's tensors under HF names and in HF layout, read a block at a time."""
+
+    def shape(self, name: str) -> tuple[int, ...] | None:
+        """The tensor's shape; None when the checkpoint has no such tensor."""
+
+    def read(self, name: str, index: tuple[slice, ...]) -> np.ndarray:
+        """The block `index` of the tensor, in the dtype it is stored in (a float)."""
+
+
+@dataclasses.dataclass(frozen=True)
+class _InMemory:
+    """Tensors already in memory (a dict of arrays)."""
+
+    tensors: Mapping[str, Any]
+
+    def shape(self, name: str) -> tuple[int, ...] | None:
+        return tuple(np.shape(self.tensors[name])) if name in self.tensors else None
+
+    def read(self, name: str, index: tuple[slice, ...]) -> np.ndarray:
+        return np.asarray(self.tensors[name])[index]
+
+
+def _runs(shape: tuple[int, ...], sizes: tuple[int, ...]) -> list[tuple[int, int]]:
+    """The consecutive runs [first, stop) of our axes that each of `sizes` flattens."""
+    runs, first = [], 0
+    for n, size in enumerate(sizes):
+        stop = len(shape) if n == len(sizes) - 1 else first + 1
+        while math.prod(shape[first:stop]) != size:
+            stop += 1
+        runs.append((first, stop))
+        first = stop
+    return runs
+
+
+def _read_block(
+    tensors: _Tensors, config: ModelConfig, shape: tuple[int, ...], name: str, box: Box
+) -> np.ndarray:
+    """The block `box` of one HF tensor in our layout (`shape`), float32.
+
+    Ours is the HF tensor transposed (the embedding excepted) and reshaped: each HF axis
+    flattens a run of our axes. Only the span of each run's leading axis is read, and the
+    run's other axes are cut after the reshape: the default rules split none of those
+    (head_dim), so what is read is the block itself.
+    """
+    transposed = name != _EMBED
+    hf_shape = tensors.shape(name)
+    runs = _runs(shape, hf_shape[::-1] if transposed else hf_shape)
+    spans, read_shape = [], []
+    for first, stop in runs:
+        (start, end), inner = box[first], shape[first + 1 : stop]
+        spans.append(slice(start * math.prod(inner), end * math.prod(inner)))
+        read_shape += [end - start, *inner]
+    w = np.asarray(tensors.read(name, tuple(spans[::-1] if transposed else spans)), np.float32)
+    if _is_gemma_norm(config, name):
+        w = w + 1.0
+    w = (w.T if transposed else w).reshape(read_shape)
+    leading = {first for first, _ in runs}
+    return w[tuple(slice(None) if i in leading else slice(*b) for i, b in enumerate(box))]
+
+
+def _device_boxes(shape: tuple[int, ...], sharding: Sharding) -> dict[Any, Box]:
+    """The block of the array each addressable device holds (without a sharding: the
+    whole array, for the default device, keyed None)."""
+    if sharding is None:
+        return {None: tuple((0, n) for n in shape)}
+    return {
+        device: tuple(s.indices(n)[:2] for s, n in zip(index, shape, strict=True))
+        for device, index in sharding.addressable_devices_indices_map(shape).items()
+    }
+
+
+def _place(
+    shape: tuple[int, ...],
+    dtype: Any,
+    sharding: Sharding,
+    parts: Sequence[Callable[[Box], np.ndarray]],
+    stacked: bool,
+) -> jax.Array:
+    """One param built where it lives, from its source tensors (`parts`: one per kept
+    layer when `stacked`, else the one tensor), each block read by `part(box)`.
+
+    Tensor after tensor, every distinct shard reads its block of it; a shard goes to its
+    devices, and leaves the host, as soon as its last block is in. So a host holds one
+    source tensor (GGUF dequantizes whole ones) and the shards being filled, and a device
+    only ever receives its own shard.
+    """
+    devices_of: dict[Box, list[Any]] = {}
+    for device, box in _device_boxes(shape, sharding).items():
+        devices_of.setdefault(box, []).append(device)
+    filling = {box: np.empty([stop - start for start, stop in box], dtype) for box in devices_of}
+    arrays = {}
+    for j, part in enumerate(parts):
+        for box in list(filling):
+            (start, stop), rest = (box[0], box[1:]) if stacked else ((0, 1), box)
+            if not start <= j < stop:
+                continue
+            (filling[box][j - start] if stacked else filling[box])[...] = part(rest)
+            if j == stop - 1:
+                shard = filling.pop(box)
+                arrays.update({device: jax.device_put(shard, device) for device in devices_of[box]})
+    if sharding is None:
+        return arrays[None]
+    return jax.make_array_from_single_device_arrays(shape, sharding, list(arrays.values()))
+
+
+def _check_tensors(tensors: _Tensors, expected: Mapping[str, tuple[int, ...]]) -> None:
+    """Every tensor the config implies is there, in the shape it implies."""
+    for name, hf_shape in expected.items():
+        shape = tensors.shape(name)
+        if shape is None:
+            raise CheckpointError(f"checkpoint has no tensor {name}")
+        if shape != hf_shape:
+            raise CheckpointError(
+                f"tensor {name} has shape {shape} but the config implies {hf_shape}"
+            )
+
+
+@dataclasses.dataclass(frozen=True)
+class Checkpoint:
+    """An open checkpoint: its config, and its tensors, read when params are asked for."""
+
+    config: ModelConfig
+    tensors: _Tensors
+
+    def params(
+        self,
+        dtype: Any = jnp.float32,
+        layers: Sequence[int] | None = None,
+        shardings: ShardingsOf | None = None,
+    ) -> tuple[ModelConfig, Params]:
+        """(config, params) of the model made of `layers` of this one (None: all; as
+        `model.select_layers`, but other layers are never read), in `dtype`.
+
+        `shardings` gives a config's param shardings (`mesh.Placement.params`); each param
+        is then built tensor by tensor straight into them (`_place`), so no host and no
+        device holds more than its own shards plus one tensor. Without it the params are
+        whole arrays on the default device.
+        """
+        dtype = _resolve_dtype(dtype)
+        kept = tuple(range(self.config.n_layers) if layers is None else layers)
+        config = self.config if layers is None else model.select_config(self.config, kept)
+        top, layer = _hf_layout(config)
+        sources = {(ours,): ([name], hf) for ours, (name, hf) in top.items()}
+        for ours, (name, hf) in layer.items():
+            sources["layers", ours] = ([f"model.layers.{i}.{name}" for i in kept], hf)
+        _check_tensors(self.tensors, {n: hf for names, hf in sources.values() for n in names})
+        shapes = model.param_shapes(config)
+        where = None if shardings is None else shardings(config)
+        at = lambda tree, path: functools.reduce(operator.getitem, path, tree)
+        params: Params = {"layers": {}}
+        for path, (names, _) in sources.items():
+            shape, stacked = at(shapes, path)[0], path[0] == "layers"
+            tensor_shape = shape[1:] if stacked else shape
+            read = functools.partial(_read_block, self.tensors, config, tensor_shape)
+            parts = [functools.partial(read, name) for name in names]
+            sharding = None if where is None else at(where, path)
+            at(params, path[:-1])[path[-1]] = _place(shape, dtype, sharding, parts, stacked)
+        return config, params
+
+
 def params_from_hf(
-    config: ModelConfig, tensors: dict[str, np.ndarray], dtype: Any = jnp.float32
+    config: ModelConfig, tensors: Mapping[str, Any], dtype: Any = jnp.float32
 ) -> Params:
     """Our params from HF-named tensors in HF layout; every shape checked against the config.
 
     HF linear weights are [out, in] and ours [*in, *out] with the heads split out of the
     flat axes, so each moves between the layouts as a transpose and a reshape.
     """
-    dtype = _resolve_dtype(dtype)
-    shapes = param_shapes(config)
-
-    def read(name: str, hf_shape: tuple[int, ...], shape: tuple[int, ...]) -> np.ndarray:
-        if name not in tensors:
-            raise CheckpointError(f"checkpoint has no tensor {name}")
-        w = np.asarray(tensors[name], np.float32)
-        if w.shape != hf_shape:
-            raise CheckpointError(
-                f"tensor {name} has shape {w.shape} but the config implies {hf_shape}"
-            )
-        if _is_gemma_norm(config, name):
-            w = w + 1.0
-        return w if name == _EMBED else w.T.reshape(shape)
-
-    top, layer = _hf_layout(config)
-    params = {ours: read(name, hf, shapes[ours][0]) for ours, (name, hf) in top.items()}
-    params["layers"] = {}
-    for ours, (name, hf) in layer.items():
-        shape = shapes["layers"][ours][0][1:]
-        per_layer = [read(f"model.layers.{i}.{name}", hf, shape) for i in range(config.n_layers)]
-        params["layers"][ours] = np.stack(per_layer)
-    return jax.tree.map(lambda x: jnp.asarray(x, dtype), params)
+    return Checkpoint(config, _InMemory(tensors)).params(dtype)[1]
 
 
 def params_to_hf(config: ModelConfig, params: Params) -> dict[str, np.ndarray]:
@@ -280,25 +438,49 @@ def _require(path: pathlib.Path, what: str) -> pathlib.Path:
     return path
 
 
-def _read_safetensors(path: pathlib.Path) -> Iterator[tuple[str, np.ndarray]]:
-    try:
-        with safetensors.safe_open(str(path), framework="flax") as f:
-            for name in f.keys():  # noqa: SIM118 (safe_open is not a dict)
-                dtype = f.get_slice(name).get_dtype()
-                if dtype not in ("F32", "F16", "BF16", "F64"):
-                    raise CheckpointError(
-                        f"{path}: tensor {name} has dtype {dtype}, which we cannot load"
-                    )
-                yield name, np.asarray(f.get_tensor(name).astype(jnp.float32))
-    except safetensors.SafetensorError as err:
-        raise CheckpointError(f"{path}: not a readable safetensors file ({err})") from None
+class _Safetensors:
+    """The tensors of safetensors files, each block read from the mapped file on its own.
+
+    Gemma 3 multimodal checkpoints nest the text model under `language_model.`, which
+    the names lose here."""
+
+    _TEXT_MODEL = re.compile(r"^(model\.)?language_model\.(model\.)?")
+
+    def __init__(self, files: Sequence[pathlib.Path], stack: contextlib.ExitStack):
+        self._where: dict[str, tuple[Any, str]] = {}
+        for path in files:
+            with self._named_errors(path):
+                handle = stack.enter_context(safetensors.safe_open(str(path), framework="numpy"))
+                for name in handle.keys():  # noqa: SIM118 (safe_open is not a dict)
+                    dtype = handle.get_slice(name).get_dtype()
+                    if dtype not in ("F32", "F16", "BF16", "F64"):
+                        raise CheckpointError(
+                            f"{path}: tensor {name} has dtype {dtype}, which we cannot load"
+                        )
+                    self._where[self._TEXT_MODEL.sub("model.", name)] = (handle, name)
+
+    @staticmethod
+    @contextlib.contextmanager
+    def _named_errors(path: pathlib.Path) -> Iterator[None]:
+        try:
+            yield
+        except safetensors.SafetensorError as err:
+            raise CheckpointError(f"{path}: not a readable safetensors file ({err})") from None
+
+    def shape(self, name: str) -> tuple[int, ...] | None:
+        if name not in self._where:
+            return None
+        handle, stored = self._where[name]
+        return tuple(handle.get_slice(stored).get_shape())
+
+    def read(self, name: str, index: tuple[slice, ...]) -> np.ndarray:
+        handle, stored = self._where[name]
+        return handle.get_slice(stored)[index]
 
 
-def load_hf_dir(
-    directory: str | pathlib.Path, dtype: Any = jnp.float32
-) -> tuple[ModelConfig, Params]:
-    """(config, params) from a directory holding config.json and safetensors weights."""
-    directory = _require(pathlib.Path(directory), "checkpoint directory")
+@contextlib.contextmanager
+def _opened_hf_dir(directory: pathlib.Path) -> Iterator[Checkpoint]:
+    directory = _require(directory, "checkpoint directory")
     config_path = _require(directory / "config.json", "config.json")
     try:
         config = config_from_hf(json.loads(config_path.read_text()))
@@ -310,10 +492,16 @@ def load_hf_dir(
         files = [_require(directory / s, "safetensors shard named in the index") for s in shards]
     else:
         files = [_require(directory / "model.safetensors", "model.safetensors")]
-    # Gemma 3 multimodal checkpoints nest the text model under `language_model.`
-    text_model = re.compile(r"^(model\.)?language_model\.(model\.)?")
-    tensors = {text_model.sub("model.", k): v for f in files for k, v in _read_safetensors(f)}
-    return config, params_from_hf(config, tensors, dtype)
+    with contextlib.ExitStack() as stack:
+        yield Checkpoint(config, _Safetensors(files, stack))
+
+
+def load_hf_dir(
+    directory: str | pathlib.Path, dtype: Any = jnp.float32
+) -> tuple[ModelConfig, Params]:
+    """(config, params) from a directory holding config.json and safetensors weights."""
+    with _opened_hf_dir(pathlib.Path(directory)) as checkpoint:
+        return checkpoint.params(dtype)
 
 
 def save_hf_dir(config: ModelConfig, params: Params, directory: str | pathlib.Path) -> pathlib.Path:
@@ -369,9 +557,28 @@ def _unpermute_rotary(w: np.ndarray, n_heads: int) -> np.ndarray:
     return w.reshape(n_heads, w.shape[0] // n_heads // 2, 2, -1).swapaxes(1, 2).reshape(w.shape)
 
 
+def _hf_shape(tensor: gguf.ReaderTensor) -> tuple[int, ...]:
+    """GGUF lists a tensor's dimensions fastest first; HF (and numpy) slowest first."""
+    return tuple(int(n) for n in reversed(tensor.shape))
+
+
+_DEQUANTIZED_CHUNK_BYTES = 1 << 24
+
+
 def _dequantize(tensor: gguf.ReaderTensor, path: pathlib.Path) -> np.ndarray:
+    """The whole tensor in float32 (HF layout), dequantized 16 MB of rows at a time (a
+    quantization block never spans rows), so the dequantizer's temporaries stay that
+    small beside a large tensor such as Gemma's 262144-token embedding."""
+    shape = _hf_shape(tensor)
+    dequantize = lambda data: gguf.quants.dequantize(data, tensor.tensor_type)
     try:
-        return np.asarray(gguf.quants.dequantize(tensor.data, tensor.tensor_type), np.float32)
+        if len(shape) == 1:
+            return np.asarray(dequantize(tensor.data), np.float32)
+        weights = np.empty(shape, np.float32)
+        rows = max(1, _DEQUANTIZED_CHUNK_BYTES // (4 * math.prod(shape[1:])))
+        for start in range(0, shape[0], rows):
+            weights[start : start + rows] = dequantize(tensor.data[start : start + rows])
+        return weights
     except NotImplementedError:
         raise CheckpointError(
             f"{path}: tensor {tensor.name} has GGUF type {tensor.tensor_type.name}, "
@@ -379,10 +586,54 @@ def _dequantize(tensor: gguf.ReaderTensor, path: pathlib.Path) -> np.ndarray:
         ) from None
 
 
-def load_gguf(path: str | pathlib.Path, dtype: Any = jnp.float32) -> tuple[ModelConfig, Params]:
-    """(config, params) from a GGUF file, dequantized to float32 first; gguf's own name
-    map says which GGUF tensor holds each HF-named one."""
-    path = _require(pathlib.Path(path), "GGUF file")
+class _Gguf:
+    """The tensors of a GGUF file under HF names (gguf's own name map says which GGUF
+    tensor holds each), in float32: a quantized tensor is dequantized whole when a block
+    of it is first read, and kept until another is read, so one is in memory at a time."""
+
+    def __init__(self, reader: gguf.GGUFReader, config: ModelConfig, path: pathlib.Path):
+        self._config, self._path = config, path
+        in_file = {t.name: t for t in reader.tensors}
+        gguf_names = gguf.get_tensor_name_map(
+            gguf.MODEL_ARCH[config.family.upper()], config.n_layers
+        )
+        top, layer = _hf_layout(config)
+        names = [name for name, _ in top.values()]
+        names += [
+            f"model.layers.{i}.{n}" for n, _ in layer.values() for i in range(config.n_layers)
+        ]
+        self._tensors = {}
+        for name in names:
+            tensor = in_file.get(gguf_names.get_name(name, try_suffixes=(".weight", ".bias")))
+            if tensor is not None:  # _check_tensors names what is missing
+                self._tensors[name] = tensor
+        self._last: tuple[str, np.ndarray] | None = None
+
+    def shape(self, name: str) -> tuple[int, ...] | None:
+        tensor = self._tensors.get(name)
+        return None if tensor is None else _hf_shape(tensor)
+
+    def read(self, name: str, index: tuple[slice, ...]) -> np.ndarray:
+        if self._last is None or self._last[0] != name:
+            self._last = None  # the previous tensor is freed before the next is made
+            self._last = (name, self._in_hf_form(name))
+        return self._last[1][index]
+
+    def _in_hf_form(self, name: str) -> np.ndarray:
+        """The whole tensor dequantized, with llama.cpp's layout fixes undone."""
+        config, weights = self._config, _dequantize(self._tensors[name], self._path)
+        if config.family == "llama" and name.endswith(("q_proj.weight", "k_proj.weight")):
+            weights = _unpermute_rotary(
+                weights, config.n_heads if "q_proj" in name else config.n_kv_heads
+            )
+        if _is_gemma_norm(config, name):
+            weights = weights - 1.0  # to the HF convention; _read_block adds it back
+        return weights
+
+
+@contextlib.contextmanager
+def _opened_gguf(path: pathlib.Path) -> Iterator[Checkpoint]:
+    path = _require(path, "GGUF file")
     try:
         reader = gguf.GGUFReader(str(path))
     except Exception as err:  # the reader raises a zoo of types on bad bytes
@@ -390,25 +641,15 @@ def load_gguf(path: str | pathlib.Path, dtype: Any = jnp.float32) -> tuple[Model
             f"{path}: not a readable GGUF file ({type(err).__name__}: {err})"
         ) from None
     config = config_from_hf(_hf_config_from_gguf(reader, path))
-    in_file = {t.name: t for t in reader.tensors}
-    arch = gguf.MODEL_ARCH[config.family.upper()]
-    gguf_names = gguf.get_tensor_name_map(arch, config.n_layers)
-    top, layer = _hf_layout(config)
-    names = [name for name, _ in top.values()]
-    names += [f"model.layers.{i}.{n}" for n, _ in layer.values() for i in range(config.n_layers)]
-    tensors = {}
-    for name in names:
-        tensor = in_file.get(gguf_names.get_name(name, try_suffixes=(".weight", ".bias")))
-        if tensor is None:
-            continue  # params_from_hf names what is missing
-        weights = _dequantize(tensor, path)
-        if config.family == "llama" and name.endswith(("q_proj.weight", "k_proj.weight")):
-            heads = config.n_heads if "q_proj" in name else config.n_kv_heads
-            weights = _unpermute_rotary(weights, heads)
-        if _is_gemma_norm(config, name):
-            weights = weights - 1.0  # to the HF convention; params_from_hf adds it back
-        tensors[name] = weights
-    return config, params_from_hf(config, tensors, dtype)
+    tensors = _Gguf(reader, config, path)
+    del reader  # its metadata, a whole vocabulary as Python objects, can go before loading
+    yield Checkpoint(config, tensors)
+
+
+def load_gguf(path: str | pathlib.Path, dtype: Any = jnp.float32) -> tuple[ModelConfig, Params]:
+    """(config, params) from a GGUF file, dequantized to float32 first."""
+    with _opened_gguf(pathlib.Path(path)) as checkpoint:
+        return checkpoint.params(dtype)
 
 
 # --------------------------------------------------------------------------- one entry point
@@ -436,7 +677,21 @@ def resolve(spec: str | pathlib.Path) -> pathlib.Path:
     return path
 
 
-def load(spec: str | pathlib.Path, dtype: Any = jnp.float32) -> tuple[ModelConfig, Params]:
-    """(config, params) from a preset name, a `.gguf` file or a HF checkpoint directory."""
+def opened(spec: str | pathlib.Path) -> contextlib.AbstractContextManager[Checkpoint]:
+    """A preset name, a `.gguf` file or a HF checkpoint directory, open: its config is
+    read, its tensors are read when `Checkpoint.params` asks for them."""
     path = resolve(spec)
-    return load_hf_dir(path, dtype) if path.is_dir() else load_gguf(path, dtype)
+    return _opened_hf_dir(path) if path.is_dir() else _opened_gguf(path)
+
+
+def load(
+    spec: str | pathlib.Path,
+    dtype: Any = jnp.float32,
+    *,
+    layers: Sequence[int] | None = None,
+    shardings: ShardingsOf | None = None,
+) -> tuple[ModelConfig, Params]:
+    """(config, params) from a preset name, a `.gguf` file or a HF checkpoint directory;
+    `layers` and `shardings` as in `Checkpoint.params`."""
+    with opened(spec) as checkpoint:
+        return checkpoint.params(dtype, layers, shardings)

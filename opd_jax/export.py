@@ -24,7 +24,7 @@ import jax.numpy as jnp
 import orbax.checkpoint as ocp
 from etils import epath
 
-from opd_jax import assets, checkpoints, loop, lora, model, paths
+from opd_jax import assets, checkpoints, loop, lora, paths
 from opd_jax import tokenizer as tokenizer_lib
 from opd_jax.model import ModelConfig, Params
 
@@ -196,9 +196,7 @@ def student_model(workdir: epath.PathLike) -> tuple[ModelConfig, Params]:
     stage's newest params in order (adapters merged), float32."""
     workdir = paths.as_path(workdir)
     manifest = read_manifest(workdir)
-    config, params = checkpoints.load(manifest.source)
-    if manifest.layers is not None:
-        config, params = model.select_layers(params, config, manifest.layers)
+    config, params = checkpoints.load(manifest.source, layers=manifest.layers)
     adapters = lambda p: lora.init(p, manifest.lora, jax.random.key(0))
     for stage in manifest.stages:
         # float32 shapes of what the stage's checkpoints hold: the params, or their adapters

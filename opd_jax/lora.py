@@ -55,14 +55,15 @@ def _in_out(shape: tuple[int, ...], target: str) -> tuple[int, int]:
 
 
 def init(base: Params, cfg: LoraConfig, key: jax.Array) -> Params:
-    """Adapters for `base`: A ~ N(0, 1/In) (kaiming-like, as PEFT), B = 0."""
+    """Adapters for `base`: A ~ N(0, 1/In) (kaiming-like, as PEFT), B = 0; float32 over a
+    base of any dtype, as they are what is trained (`delta` casts to the base's)."""
     adapters = {}
     for target, k in zip(cfg.targets, jax.random.split(key, len(cfg.targets)), strict=True):
         w = base["layers"][target]
         n_in, n_out = _in_out(w.shape, target)
         a = jax.random.normal(k, (w.shape[0], n_in, cfg.rank), jnp.float32) / math.sqrt(n_in)
-        b = jnp.zeros((w.shape[0], cfg.rank, n_out), w.dtype)
-        adapters[target] = {"a": a.astype(w.dtype), "b": b}
+        b = jnp.zeros((w.shape[0], cfg.rank, n_out), jnp.float32)
+        adapters[target] = {"a": a, "b": b}
     return {"layers": adapters}
 
 

@@ -439,14 +439,19 @@ def select_layers(
     embeddings, final norm and head are shared, and each kept layer keeps its weights
     (and, for Gemma 3, whether it is a sliding-window layer).
     """
+    new_config = select_config(config, layers)
+    index = np.asarray(tuple(layers))
+    new_params = {**params, "layers": jax.tree.map(lambda w: w[index], params["layers"])}
+    return new_config, new_params
+
+
+def select_config(config: ModelConfig, layers: Sequence[int]) -> ModelConfig:
+    """The config of `select_layers`' model, for loaders that read only the kept layers."""
     layers = tuple(layers)
     if not layers or any(not 0 <= i < config.n_layers for i in layers):
         raise ValueError(f"layers {layers} must be a non-empty subset of 0..{config.n_layers - 1}")
-    index = np.asarray(layers)
     sliding = tuple(config.is_sliding[i] for i in layers) if config.sliding_layers else ()
-    new_config = dataclasses.replace(config, n_layers=len(layers), sliding_layers=sliding)
-    new_params = {**params, "layers": jax.tree.map(lambda w: w[index], params["layers"])}
-    return new_config, new_params
+    return dataclasses.replace(config, n_layers=len(layers), sliding_layers=sliding)
 
 
 def evenly_spaced_layers(n_layers: int, keep: int) -> tuple[int, ...]:

@@ -71,6 +71,7 @@ from opd_jax import tokenizer as tokenizer_lib
 from opd_jax.model import ModelConfig, Params
 
 CUT_POLICIES = ("warn", "refuse")
+PARAM_DTYPES = ("float32", "bfloat16")  # what Models.dtype may be
 
 
 @gin.configurable
@@ -153,6 +154,11 @@ class Models:
       the student keeps: a count of evenly spaced layers, a tuple of layer indices, or
       None for all of them. A layer-pruned copy of the teacher is the usual GKD student.
     use_lora: train LoRA adapters (`LoraConfig`) on the student instead of every weight.
+    dtype: "float32" or "bfloat16", the dtype both models' weights are loaded in. Weights
+      that are trained are trained through a float32 copy (the train state's, and LoRA
+      adapters are float32), so bfloat16 halves the frozen weights: the teacher, the
+      LoRA base, a fixed self-teacher. A model a fine-tuning stage trains leaves it in
+      float32.
     The fine-tuning learning rates are separate because a pruned student needs large
     steps to repair itself, which would wreck a full pretrained teacher.
     """
@@ -161,6 +167,7 @@ class Models:
     student: str | None = None
     student_layers: int | tuple[int, ...] | None = None
     use_lora: bool = False
+    dtype: str = "float32"
     teacher_sft_steps: int = 0
     student_sft_steps: int = 30
     teacher_sft_learning_rate: float = 1e-4
@@ -188,6 +195,8 @@ class Models:
                 "Models.teacher_sft_steps: a self-distilling student has no separate teacher "
                 "to fine-tune; use Models.student_sft_steps"
             )
+        if self.dtype not in PARAM_DTYPES:
+            raise config.ConfigError(f"Models.dtype={self.dtype!r} is not one of {PARAM_DTYPES}")
 
     def kept_layers(self, n_layers: int) -> tuple[int, ...] | None:
         """The layers of a source model of `n_layers` the student keeps (None: all)."""
@@ -300,20 +309,33 @@ def check_model_sources(models: Models) -> None:
             )
 
 
-def load_models(models: Models) -> LoadedModels:
+def load_models(
+    models: Models,
+    placement: mesh.Placement | None = None,
+    teacher_placement: mesh.Placement | None = None,
+) -> LoadedModels:
+    """Both models in `Models.dtype`, each built tensor by tensor straight into its
+    placement's param shardings when given, else whole on the default device. The student
+    reads only the layers it keeps; cut from its teacher's checkpoint whole and placed
+    alike, it shares the teacher's arrays."""
     source = models.student if models.student is not None else models.teacher
-    source_config, source_params = checkpoints.load(source)
-    keep = models.kept_layers(source_config.n_layers)
-    if keep is None:
-        student_config, student_params = source_config, source_params
-    else:
-        student_config, student_params = model.select_layers(source_params, source_config, keep)
-    if models.teacher is None:
-        teacher_config, teacher_params = student_config, None
-    elif models.student is None:
-        teacher_config, teacher_params = source_config, source_params
-    else:
-        teacher_config, teacher_params = checkpoints.load(models.teacher)
+    shardings = lambda where: None if where is None else where.params
+    teacher_params = None
+    with checkpoints.opened(source) as checkpoint:
+        keep = models.kept_layers(checkpoint.config.n_layers)
+        student_config, student_params = checkpoint.params(models.dtype, keep, shardings(placement))
+        teacher_config = student_config
+        if models.teacher is not None and models.student is None:
+            if keep is None and teacher_placement == placement:
+                teacher_params = student_params
+            else:
+                teacher_config, teacher_params = checkpoint.params(
+                    models.dtype, shardings=shardings(teacher_placement)
+                )
+    if models.teacher is not None and models.student is not None:
+        teacher_config, teacher_params = checkpoints.load(
+            models.teacher, models.dtype, shardings=shardings(teacher_placement)
+        )
     return LoadedModels(teacher_config, teacher_params, student_config, student_params, keep)
 
 
@@ -784,6 +806,7 @@ def run(
     lora_cfg = lora_cfg if models.use_lora else None
     device_mesh, layout = mesh.make_mesh(), mesh.Layout()
     placement = layout.placement(device_mesh)
+    teacher_placement = layout.placement(device_mesh, "teacher")
     optim = train_state.OptimizerConfig()
     group = schedule.rl_group_size if cfg.rl_alpha < 1.0 else 1  # completions per prompt
     check_schedule(schedule, group, optim.grad_accum, device_mesh)
@@ -796,7 +819,7 @@ def run(
         teacher_tokenizer = tokenizer_lib.load(models.teacher or student_source)
         vocab_size = distill.check_vocab(teacher_tokenizer, tokenizer)
         splits = task.splits()
-        loaded = load_models(models)
+        loaded = load_models(models, placement, teacher_placement)
     template = task.template()
     opsd.check_contexts(splits["train"][0], template, context, tokenizer, teacher_tokenizer)
     spec = data.BatchSpec(
@@ -813,11 +836,8 @@ def run(
     for model_config in (roles.teacher, roles.student):
         mesh.check_model_fits_mesh(model_config, device_mesh)
     student_sharding = placement.params(roles.student)
-    teacher_sharding = layout.placement(device_mesh, "teacher").params(roles.teacher)
-    student_params = mesh.place_params(loaded.student_params, student_sharding)
-    teacher_params = loaded.teacher_params
-    if teacher_params is not None:
-        teacher_params = mesh.place_params(teacher_params, teacher_sharding)
+    teacher_sharding = teacher_placement.params(roles.teacher)
+    student_params, teacher_params = loaded.student_params, loaded.teacher_params
     if restart:
         clear_workdir(workdir, prefix_dir)
         mesh.barrier("workdir restarted")

@@ -122,9 +122,11 @@ def make_optimizer(cfg: OptimizerConfig, total_steps: int) -> optax.GradientTran
 def init_train_state(
     params: Params, optimizer: optax.GradientTransformation, seed: int
 ) -> TrainState:
-    """A fresh state owning copies of `params`: the update step donates the state's
-    buffers, and a student cut from its teacher shares arrays (embeddings) with it."""
-    params = jax.tree.map(jnp.copy, params)
+    """A fresh state owning float32 copies of `params`: the update step donates the
+    state's buffers, a student cut from its teacher shares arrays (embeddings) with it,
+    and weights loaded in bfloat16 (`Models.dtype`) are trained through a float32 master
+    copy, as steps smaller than bfloat16's spacing would round away."""
+    params = jax.tree.map(lambda x: jnp.array(x, jnp.float32), params)
     return TrainState(
         step=jnp.zeros((), jnp.int32),
         params=params,

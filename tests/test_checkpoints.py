@@ -130,9 +130,29 @@ def test_sharded_safetensors_index_loads(tmp_path):
     )
 
 
-def test_bfloat16_load():
+def test_bfloat16_load_is_the_float32_load_cast():
     config, params = checkpoints.load_hf_dir(_saved_tiny("llama"), dtype="bfloat16")
     assert {leaf.dtype for leaf in jax.tree.leaves(params)} == {jnp.dtype(jnp.bfloat16)}
+    cast = jax.tree.map(lambda x: x.astype(jnp.bfloat16), checkpoints.load(_saved_tiny("llama"))[1])
+    jax.tree.map(np.testing.assert_array_equal, params, cast)
+
+
+def test_layers_a_student_does_not_keep_are_never_read(tmp_path):
+    """Kept layers load as `select_layers` cuts them, from a checkpoint that lacks the
+    others (Gemma 3: the kept layers' sliding flags come along)."""
+    from safetensors.numpy import load_file, save_file
+
+    directory = _copy("gemma3", tmp_path)
+    tensors = load_file(directory / "model.safetensors")
+    kept = {k: v for k, v in tensors.items() if not k.startswith("model.layers.1.")}
+    save_file(kept, directory / "model.safetensors", {"format": "pt"})
+    config, params = checkpoints.load(directory, layers=(2, 0))
+    whole_config, whole = checkpoints.load(_saved_tiny("gemma3"))
+    expected_config, expected = model.select_layers(whole, whole_config, (2, 0))
+    assert config == expected_config and config.sliding_layers == (True, True)
+    jax.tree.map(np.testing.assert_array_equal, params, expected)
+    with pytest.raises(checkpoints.CheckpointError, match="no tensor model.layers.1."):
+        checkpoints.load(directory)
 
 
 # --------------------------------------------------------------------------- real models

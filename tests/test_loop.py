@@ -5,6 +5,7 @@ import dataclasses
 import shutil
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 
@@ -24,6 +25,16 @@ def _state(seed: int) -> train_state.TrainState:
 
 def _assert_same(a, b):
     jax.tree.map(np.testing.assert_array_equal, jax.tree.leaves(a), jax.tree.leaves(b))
+
+
+def test_bfloat16_params_train_through_a_float32_copy():
+    params = jax.tree.map(lambda x: x.astype("bfloat16"), _state(0).params)
+    optimizer = train_state.make_optimizer(train_state.OptimizerConfig(), total_steps=100)
+    state = train_state.init_train_state(params, optimizer, 0)
+    leaves = jax.tree.leaves((state.params, state.opt_state))
+    floats = {x.dtype for x in leaves if jnp.issubdtype(x.dtype, jnp.floating)}
+    assert floats == {np.dtype("float32")}, "params and Adam's moments are float32"
+    _assert_same(state.params, jax.tree.map(lambda x: x.astype("float32"), params))
 
 
 def test_round_trip_restores_the_newest_step(tmp_path):

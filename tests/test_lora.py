@@ -79,3 +79,15 @@ def test_merged_student_exports_to_safetensors_and_reloads_equal(tmp_path):
         rtol=1e-5,
         atol=1e-5,
     )
+
+
+def test_adapters_stay_float32_over_a_bfloat16_base():
+    """The adapters are what trains, so a bfloat16 base (`Models.dtype`) keeps them
+    float32; the merged weights are in the base's dtype."""
+    base = jax.tree.map(
+        lambda x: x.astype(jnp.bfloat16), model.init_params(CONFIG, jax.random.key(0))
+    )
+    adapters = _trained_adapters(base)
+    assert {x.dtype for x in jax.tree.leaves(adapters)} == {jnp.dtype(jnp.float32)}
+    merged = lora.merge(base, adapters, CFG)
+    assert {x.dtype for x in jax.tree.leaves(merged)} == {jnp.dtype(jnp.bfloat16)}

@@ -10,6 +10,7 @@ import sys
 
 import gin
 import jax
+import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
 import pytest
@@ -205,6 +206,24 @@ def test_missing_dataset_names_it_before_the_workdir_is_touched(tmp_path, monkey
     with pytest.raises(data.MissingDatasetError, match="'xsum' is not prepared"):
         _run(gkd_summarize.GIN_FILE, tmp_path / "work", ['Task.dataset = "xsum"'])
     assert not (tmp_path / "work").exists()
+
+
+def test_models_load_in_their_dtype_and_a_whole_student_shares_its_teacher(tiny_teacher_dir):
+    whole = recipe.load_models(recipe.Models(teacher=str(tiny_teacher_dir), dtype="bfloat16"))
+    assert whole.student_params is whole.teacher_params
+    assert {x.dtype for x in jax.tree.leaves(whole.student_params)} == {jnp.dtype("bfloat16")}
+    cut = recipe.load_models(
+        recipe.Models(teacher=str(tiny_teacher_dir), student_layers=(1,), dtype="bfloat16")
+    )
+    assert (cut.student_config.n_layers, cut.teacher_config.n_layers) == (1, 2)
+    np.testing.assert_array_equal(
+        cut.student_params["layers"]["q"][0], whole.teacher_params["layers"]["q"][1]
+    )
+
+
+def test_models_dtype_other_than_float32_or_bfloat16_is_named():
+    with pytest.raises(config.ConfigError, match=r"Models.dtype='float16' is not one of \("):
+        recipe.Models(dtype="float16")
 
 
 def test_bad_binding_is_one_line_naming_it():

@@ -1,5 +1,6 @@
 """Meshes and multi-host start-up: a sharded GKD step equals the one-device step, params
-are placed as the rules say, and bad meshes or coordinators fail with a clear message.
+are placed as the rules say (loaded straight into place too), and bad meshes or
+coordinators fail with a clear message.
 
 The mesh runs need 8 devices, which a JAX process fixes when it starts, so they run
 `tests/mesh_worker.py` in a subprocess with 8 forced CPU devices.
@@ -18,6 +19,7 @@ import pytest
 from opd_jax import config, mesh, model
 
 WORKER = pathlib.Path(__file__).with_name("mesh_worker.py")
+LOAD_WORKER = WORKER.with_name("load_worker.py")
 ROOT = WORKER.parents[1]
 # fp32 on CPU: a sharded reduction sums in another order than one device does.
 LOSS_RTOL, PARAMS_ATOL = 1e-5, 1e-4
@@ -76,6 +78,39 @@ def test_every_mesh_matches_one_device(tmp_path):
     result = _equivalence(tmp_path, [",".join(map(str, m)) for m in meshes])
     for shape in meshes:
         _check_mesh(result[str(shape)], shape, result["q_shape"])
+
+
+def test_checkpoints_load_straight_into_their_shardings(tmp_path, real_models):
+    """Sharded loading on 8 devices, FSDP alone and 2x2x2: values equal the whole load
+    (bfloat16 equal to its cast), every param has the layout's sharding, and each device
+    holds its shard. Qwen2 (biases) and Gemma 3 (norms stored as w in 1 + w) from
+    safetensors, the last kept layers of each; SmolLM2 from its quantized GGUF."""
+    from test_checkpoints import _saved_tiny
+
+    gguf = real_models.path("smollm2-135m-instruct")
+    sources = [f"{_saved_tiny('qwen2')}", f"{_saved_tiny('gemma3')}:2,0", f"{gguf}:0,29"]
+    out = tmp_path / "loading.json"
+    subprocess.run(
+        [sys.executable, str(LOAD_WORKER), str(out), "--meshes", "1,8,1", "2,2,2"]
+        + ["--checkpoints", *sources],
+        env=_forced_devices_env(8),
+        check=True,
+        cwd=ROOT,
+    )
+    results = json.loads(out.read_text())
+    assert sorted(results) == sorted(sources)
+    for source, by_mesh in results.items():
+        for shape, by_dtype in by_mesh.items():
+            _, fsdp, tensor = map(int, shape.split(","))
+            for dtype, result in by_dtype.items():
+                assert result["config_equal"] and result["values_equal"], (source, shape, dtype)
+                assert result["shardings_equal"], (source, shape, dtype)
+                assert result["dtypes"] == [dtype]
+                # q is [layers, embed, heads, head_dim]; heads split where tensor divides them
+                layers, embed, heads, head_dim = result["q_shape"]
+                split_heads = heads // tensor if heads % tensor == 0 else heads
+                assert result["q_shard_shape"] == [layers, embed // fsdp, split_heads, head_dim]
+    assert results[f"{gguf}:0,29"]["1,8,1"]["float32"]["q_shape"][0] == 2
 
 
 @pytest.mark.parametrize(
