@@ -19,15 +19,9 @@
 # Every line of the log is led by its task's number (srun --label: "0: ...", "1: ...");
 # `grep '^1: ' opd-jax-JOBID.log` is one node's output. DRY_RUN=1 prints the commands.
 set -euo pipefail
-
-run() {
-  if [[ -n ${DRY_RUN:-} ]]; then
-    printf '%q ' "$@"
-    echo
-  else
-    "$@"
-  fi
-}
+# sbatch runs a copy of this script from its spool: find the launchers by the submit dir.
+launch_dir=${SLURM_SUBMIT_DIR:+$SLURM_SUBMIT_DIR/launch}
+source "${launch_dir:-$(dirname "${BASH_SOURCE[0]}")}/common.sh"
 
 if [[ $# -lt 1 ]]; then
   sed -n '9,20p' "$0" >&2

@@ -25,28 +25,15 @@
 # spot slice), REMOTE_DIR (the checkout on the workers, default opd-jax in their home),
 # FOLLOW=0 (`logs` prints and exits), DRY_RUN=1 (print the gcloud commands, run none).
 set -euo pipefail
+source "$(dirname "${BASH_SOURCE[0]}")/common.sh"
 
 repo=$(cd "$(dirname "$0")/.." && pwd)
 remote_dir=${REMOTE_DIR:-opd-jax}
 worker="bash $remote_dir/launch/tpu_worker.sh"
 
-die() {
-  echo "error: $*" >&2
-  exit 1
-}
-
 usage() {
   sed -n '5,9p' "$0" >&2
   exit 2
-}
-
-run() {
-  if [[ -n ${DRY_RUN:-} ]]; then
-    printf '%q ' "$@"
-    echo
-  else
-    "$@"
-  fi
 }
 
 runtime_image() {

@@ -14,25 +14,12 @@
 # PYTHON the interpreter (default .venv/bin/python), STOP_TIMEOUT_S how long `stop` waits
 # (default 120), DRY_RUN=1 makes `setup` print its commands instead of running them.
 set -euo pipefail
+source "$(dirname "${BASH_SOURCE[0]}")/common.sh"
 
 repo=$(cd "$(dirname "$0")/.." && pwd)
 log_dir=${LOG_DIR:-$HOME/opd_jax_logs}
 pid_file=$log_dir/job.pid
 metadata=http://metadata.google.internal/computeMetadata/v1/instance/attributes
-
-die() {
-  echo "error: $*" >&2
-  exit 1
-}
-
-run() {
-  if [[ -n ${DRY_RUN:-} ]]; then
-    printf '%q ' "$@"
-    echo
-  else
-    "$@"
-  fi
-}
 
 worker_id() {
   if [[ -n ${WORKER_ID:-} ]]; then
