@@ -18,6 +18,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import functools
+import itertools
 import json
 import math
 import operator
@@ -240,12 +241,18 @@ class _Tensors(Protocol):
     def read(self, name: str, index: tuple[slice, ...]) -> np.ndarray:
         """The block `index` of the tensor, in the dtype it is stored in (a float)."""
 
+    @property
+    def reads_whole_rows(self) -> bool:
+        """Whether a block costs reading its rows whole (GGUF dequantizes rows), so blocks
+        of the same rows are best read together (`_place`'s `part_major`)."""
+
 
 @dataclasses.dataclass(frozen=True)
 class _InMemory:
     """Tensors already in memory (a dict of arrays)."""
 
     tensors: Mapping[str, Any]
+    reads_whole_rows = False
 
     def shape(self, name: str) -> tuple[int, ...] | None:
         return tuple(np.shape(self.tensors[name])) if name in self.tensors else None
@@ -307,32 +314,42 @@ Part = tuple[tuple[int, int], Callable[[Box], np.ndarray]]  # rows of axis 0, th
 
 
 def _place(
-    shape: tuple[int, ...], dtype: Any, sharding: Sharding, parts: Sequence[Part]
+    shape: tuple[int, ...],
+    dtype: Any,
+    sharding: Sharding,
+    parts: Sequence[Part],
+    part_major: bool,
 ) -> jax.Array:
     """One param built where it lives from `parts`, which cover its axis 0 in order
     (one kept layer each for stacked layers, some MB of rows for the others); a part's
     reader gives any block of the param inside its rows.
 
-    Part after part, every distinct shard reads its block of it; a shard goes to its
-    devices, and leaves the host, as soon as its last block is in. So a host holds the
-    part being read and the shards being filled, and a device only ever receives its
-    own shard.
+    Each distinct shard is filled from the parts it spans and goes to its devices, and
+    leaves the host, as soon as its last block is in; a device only ever receives its own
+    shard. Shard after shard, a host holds one shard and one part's block at a time;
+    `part_major` (for sources that read whole rows, GGUF) goes part after part instead,
+    every shard taking its block of each, so rows are read once and a host holds the
+    shards being filled and one part.
     """
     devices_of: dict[Box, list[Any]] = {}
     for device, box in _device_boxes(shape, sharding).items():
         devices_of.setdefault(box, []).append(device)
     filling = {box: np.empty([stop - start for start, stop in box], dtype) for box in devices_of}
+    steps = (
+        itertools.product(parts, devices_of)
+        if part_major
+        else ((part, box) for box in devices_of for part in parts)
+    )
     arrays = {}
-    for (low, high), read in parts:
-        for box in list(filling):
-            (start, stop), rest = box[0], box[1:]
-            first, last = max(low, start), min(high, stop)
-            if first >= last:
-                continue
-            filling[box][first - start : last - start] = read(((first, last), *rest))
-            if last == stop:
-                shard = filling.pop(box)
-                arrays.update({device: jax.device_put(shard, device) for device in devices_of[box]})
+    for ((low, high), read), box in steps:
+        (start, stop), rest = box[0], box[1:]
+        first, last = max(low, start), min(high, stop)
+        if first >= last:
+            continue
+        filling[box][first - start : last - start] = read(((first, last), *rest))
+        if last == stop:
+            shard = filling.pop(box)
+            arrays.update({device: jax.device_put(shard, device) for device in devices_of[box]})
     if sharding is None:
         return arrays[None]
     return jax.make_array_from_single_device_arrays(shape, sharding, list(arrays.values()))
@@ -407,7 +424,8 @@ class Checkpoint:
             read = functools.partial(_read_block, self.tensors, config, tensor_shape)
             parts = _parts(read, names, shape, stacked)
             sharding = None if where is None else at(where, path)
-            at(params, path[:-1])[path[-1]] = _place(shape, dtype, sharding, parts)
+            part_major = self.tensors.reads_whole_rows
+            at(params, path[:-1])[path[-1]] = _place(shape, dtype, sharding, parts, part_major)
         return config, params
 
 
@@ -465,6 +483,7 @@ class _Safetensors:
     the names lose here."""
 
     _TEXT_MODEL = re.compile(r"^(model\.)?language_model\.(model\.)?")
+    reads_whole_rows = False
 
     def __init__(self, files: Sequence[pathlib.Path], stack: contextlib.ExitStack):
         self._where: dict[str, tuple[Any, str]] = {}
@@ -608,6 +627,8 @@ def _dequantize(tensor: gguf.ReaderTensor, rows: slice, path: pathlib.Path) -> n
 class _Gguf:
     """The tensors of a GGUF file under HF names (gguf's own name map says which GGUF
     tensor holds each), in float32; a block is read by dequantizing the rows it spans."""
+
+    reads_whole_rows = True
 
     def __init__(self, reader: gguf.GGUFReader, config: ModelConfig, path: pathlib.Path):
         self._config, self._path = config, path
