@@ -18,6 +18,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import functools
+import itertools
 import json
 import math
 import operator
@@ -226,6 +227,7 @@ def _is_gemma_norm(config: ModelConfig, hf_name: str) -> bool:
 # --------------------------------------------------------------------------- reading params
 
 Box = tuple[tuple[int, int], ...]  # a block of an array: [start, stop) along every axis
+_CHUNK_BYTES = 1 << 24  # float32 bytes a tensor is read in when not read whole
 Sharding = jax.sharding.Sharding | None  # None: the whole array on the default device
 ShardingsOf = Callable[[ModelConfig], Params]  # a config -> its params' shardings
 
@@ -239,12 +241,18 @@ class _Tensors(Protocol):
     def read(self, name: str, index: tuple[slice, ...]) -> np.ndarray:
         """The block `index` of the tensor, in the dtype it is stored in (a float)."""
 
+    @property
+    def reads_whole_rows(self) -> bool:
+        """Whether a block costs reading its rows whole (GGUF dequantizes rows), so blocks
+        of the same rows are best read together (`_place`'s `part_major`)."""
+
 
 @dataclasses.dataclass(frozen=True)
 class _InMemory:
     """Tensors already in memory (a dict of arrays)."""
 
     tensors: Mapping[str, Any]
+    reads_whole_rows = False
 
     def shape(self, name: str) -> tuple[int, ...] | None:
         return tuple(np.shape(self.tensors[name])) if name in self.tensors else None
@@ -302,38 +310,67 @@ def _device_boxes(shape: tuple[int, ...], sharding: Sharding) -> dict[Any, Box]:
     }
 
 
+Part = tuple[tuple[int, int], Callable[[Box], np.ndarray]]  # rows of axis 0, their reader
+
+
 def _place(
     shape: tuple[int, ...],
     dtype: Any,
     sharding: Sharding,
-    parts: Sequence[Callable[[Box], np.ndarray]],
-    stacked: bool,
+    parts: Sequence[Part],
+    part_major: bool,
 ) -> jax.Array:
-    """One param built where it lives, from its source tensors (`parts`: one per kept
-    layer when `stacked`, else the one tensor), each block read by `part(box)`.
+    """One param built where it lives from `parts`, which cover its axis 0 in order
+    (one kept layer each for stacked layers, some MB of rows for the others); a part's
+    reader gives any block of the param inside its rows.
 
-    Tensor after tensor, every distinct shard reads its block of it; a shard goes to its
-    devices, and leaves the host, as soon as its last block is in. So a host holds one
-    source tensor (GGUF dequantizes whole ones) and the shards being filled, and a device
-    only ever receives its own shard.
+    Each distinct shard is filled from the parts it spans and goes to its devices, and
+    leaves the host, as soon as its last block is in; a device only ever receives its own
+    shard. Shard after shard, a host holds one shard and one part's block at a time;
+    `part_major` (for sources that read whole rows, GGUF) goes part after part instead,
+    every shard taking its block of each, so rows are read once and a host holds the
+    shards being filled and one part.
     """
     devices_of: dict[Box, list[Any]] = {}
     for device, box in _device_boxes(shape, sharding).items():
         devices_of.setdefault(box, []).append(device)
     filling = {box: np.empty([stop - start for start, stop in box], dtype) for box in devices_of}
+    steps = (
+        itertools.product(parts, devices_of)
+        if part_major
+        else ((part, box) for box in devices_of for part in parts)
+    )
     arrays = {}
-    for j, part in enumerate(parts):
-        for box in list(filling):
-            (start, stop), rest = (box[0], box[1:]) if stacked else ((0, 1), box)
-            if not start <= j < stop:
-                continue
-            (filling[box][j - start] if stacked else filling[box])[...] = part(rest)
-            if j == stop - 1:
-                shard = filling.pop(box)
-                arrays.update({device: jax.device_put(shard, device) for device in devices_of[box]})
+    for ((low, high), read), box in steps:
+        (start, stop), rest = box[0], box[1:]
+        first, last = max(low, start), min(high, stop)
+        if first >= last:
+            continue
+        filling[box][first - start : last - start] = read(((first, last), *rest))
+        if last == stop:
+            shard = filling.pop(box)
+            arrays.update({device: jax.device_put(shard, device) for device in devices_of[box]})
     if sharding is None:
         return arrays[None]
     return jax.make_array_from_single_device_arrays(shape, sharding, list(arrays.values()))
+
+
+def _parts(
+    read: Callable[[str, Box], np.ndarray],
+    names: Sequence[str],
+    shape: tuple[int, ...],
+    stacked: bool,
+) -> list[Part]:
+    """The parts of one param (see `_place`): each stacked layer's tensor, or row chunks of
+    `_CHUNK_BYTES` of the one tensor, so a large embedding is read (and a GGUF one
+    dequantized) a chunk at a time."""
+    if stacked:
+        layer = lambda name: lambda box: read(name, box[1:])[None]
+        return [((j, j + 1), layer(name)) for j, name in enumerate(names)]
+    (name,) = names
+    rows = max(1, _CHUNK_BYTES // (4 * math.prod(shape[1:])))
+    chunk = functools.partial(read, name)
+    return [((start, min(start + rows, shape[0])), chunk) for start in range(0, shape[0], rows)]
 
 
 def _check_tensors(tensors: _Tensors, expected: Mapping[str, tuple[int, ...]]) -> None:
@@ -385,9 +422,10 @@ class Checkpoint:
             shape, stacked = at(shapes, path)[0], path[0] == "layers"
             tensor_shape = shape[1:] if stacked else shape
             read = functools.partial(_read_block, self.tensors, config, tensor_shape)
-            parts = [functools.partial(read, name) for name in names]
+            parts = _parts(read, names, shape, stacked)
             sharding = None if where is None else at(where, path)
-            at(params, path[:-1])[path[-1]] = _place(shape, dtype, sharding, parts, stacked)
+            part_major = self.tensors.reads_whole_rows
+            at(params, path[:-1])[path[-1]] = _place(shape, dtype, sharding, parts, part_major)
         return config, params
 
 
@@ -445,6 +483,7 @@ class _Safetensors:
     the names lose here."""
 
     _TEXT_MODEL = re.compile(r"^(model\.)?language_model\.(model\.)?")
+    reads_whole_rows = False
 
     def __init__(self, files: Sequence[pathlib.Path], stack: contextlib.ExitStack):
         self._where: dict[str, tuple[Any, str]] = {}
@@ -562,22 +601,21 @@ def _hf_shape(tensor: gguf.ReaderTensor) -> tuple[int, ...]:
     return tuple(int(n) for n in reversed(tensor.shape))
 
 
-_DEQUANTIZED_CHUNK_BYTES = 1 << 24
-
-
-def _dequantize(tensor: gguf.ReaderTensor, path: pathlib.Path) -> np.ndarray:
-    """The whole tensor in float32 (HF layout), dequantized 16 MB of rows at a time (a
-    quantization block never spans rows), so the dequantizer's temporaries stay that
-    small beside a large tensor such as Gemma's 262144-token embedding."""
+def _dequantize(tensor: gguf.ReaderTensor, rows: slice, path: pathlib.Path) -> np.ndarray:
+    """Rows of the tensor in float32 (HF layout), dequantized `_CHUNK_BYTES` of rows at a
+    time (a quantization block never spans rows), so the dequantizer's temporaries stay
+    that small. A 1-D tensor is dequantized whole."""
     shape = _hf_shape(tensor)
     dequantize = lambda data: gguf.quants.dequantize(data, tensor.tensor_type)
     try:
         if len(shape) == 1:
-            return np.asarray(dequantize(tensor.data), np.float32)
-        weights = np.empty(shape, np.float32)
-        rows = max(1, _DEQUANTIZED_CHUNK_BYTES // (4 * math.prod(shape[1:])))
-        for start in range(0, shape[0], rows):
-            weights[start : start + rows] = dequantize(tensor.data[start : start + rows])
+            return np.asarray(dequantize(tensor.data), np.float32)[rows]
+        start, stop, _ = rows.indices(shape[0])
+        weights = np.empty((stop - start, *shape[1:]), np.float32)
+        chunk = max(1, _CHUNK_BYTES // (4 * math.prod(shape[1:])))
+        for first in range(start, stop, chunk):
+            last = min(first + chunk, stop)
+            weights[first - start : last - start] = dequantize(tensor.data[first:last])
         return weights
     except NotImplementedError:
         raise CheckpointError(
@@ -588,8 +626,9 @@ def _dequantize(tensor: gguf.ReaderTensor, path: pathlib.Path) -> np.ndarray:
 
 class _Gguf:
     """The tensors of a GGUF file under HF names (gguf's own name map says which GGUF
-    tensor holds each), in float32: a quantized tensor is dequantized whole when a block
-    of it is first read, and kept until another is read, so one is in memory at a time."""
+    tensor holds each), in float32; a block is read by dequantizing the rows it spans."""
+
+    reads_whole_rows = True
 
     def __init__(self, reader: gguf.GGUFReader, config: ModelConfig, path: pathlib.Path):
         self._config, self._path = config, path
@@ -607,25 +646,28 @@ class _Gguf:
             tensor = in_file.get(gguf_names.get_name(name, try_suffixes=(".weight", ".bias")))
             if tensor is not None:  # _check_tensors names what is missing
                 self._tensors[name] = tensor
-        self._last: tuple[str, np.ndarray] | None = None
+        self._last: tuple[tuple[str, int, int], np.ndarray] | None = None
 
     def shape(self, name: str) -> tuple[int, ...] | None:
         tensor = self._tensors.get(name)
         return None if tensor is None else _hf_shape(tensor)
 
     def read(self, name: str, index: tuple[slice, ...]) -> np.ndarray:
-        if self._last is None or self._last[0] != name:
-            self._last = None  # the previous tensor is freed before the next is made
-            self._last = (name, self._in_hf_form(name))
-        return self._last[1][index]
+        """The block, from the rows it spans dequantized whole (the rows of the last block
+        read are kept: blocks that differ only in columns share them)."""
+        rows, columns = index[0], index[1:]
+        key = (name, rows.start, rows.stop)
+        if self._last is None or self._last[0] != key:
+            self._last = None  # the previous rows are freed before the next are made
+            self._last = (key, self._in_hf_form(name, rows))
+        return self._last[1][(slice(None), *columns)]
 
-    def _in_hf_form(self, name: str) -> np.ndarray:
-        """The whole tensor dequantized, with llama.cpp's layout fixes undone."""
-        config, weights = self._config, _dequantize(self._tensors[name], self._path)
+    def _in_hf_form(self, name: str, rows: slice) -> np.ndarray:
+        """Rows of a tensor dequantized, with llama.cpp's layout fixes undone (the rows of
+        Q or K a block spans are whole heads: `_read_block` reads a head's dims whole)."""
+        config, weights = self._config, _dequantize(self._tensors[name], rows, self._path)
         if config.family == "llama" and name.endswith(("q_proj.weight", "k_proj.weight")):
-            weights = _unpermute_rotary(
-                weights, config.n_heads if "q_proj" in name else config.n_kv_heads
-            )
+            weights = _unpermute_rotary(weights, len(weights) // config.head_dim)
         if _is_gemma_norm(config, name):
             weights = weights - 1.0  # to the HF convention; _read_block adds it back
         return weights
