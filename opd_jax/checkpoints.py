@@ -535,14 +535,6 @@ def _opened_hf_dir(directory: pathlib.Path) -> Iterator[Checkpoint]:
         yield Checkpoint(config, _Safetensors(files, stack))
 
 
-def load_hf_dir(
-    directory: str | pathlib.Path, dtype: Any = jnp.float32
-) -> tuple[ModelConfig, Params]:
-    """(config, params) from a directory holding config.json and safetensors weights."""
-    with _opened_hf_dir(pathlib.Path(directory)) as checkpoint:
-        return checkpoint.params(dtype)
-
-
 def save_hf_dir(config: ModelConfig, params: Params, directory: str | pathlib.Path) -> pathlib.Path:
     """Writes config.json + model.safetensors that transformers (and we) load back."""
     directory = pathlib.Path(directory)
@@ -686,12 +678,6 @@ def _opened_gguf(path: pathlib.Path) -> Iterator[Checkpoint]:
     tensors = _Gguf(reader, config, path)
     del reader  # its metadata, a whole vocabulary as Python objects, can go before loading
     yield Checkpoint(config, tensors)
-
-
-def load_gguf(path: str | pathlib.Path, dtype: Any = jnp.float32) -> tuple[ModelConfig, Params]:
-    """(config, params) from a GGUF file, dequantized to float32 first."""
-    with _opened_gguf(pathlib.Path(path)) as checkpoint:
-        return checkpoint.params(dtype)
 
 
 # --------------------------------------------------------------------------- one entry point

@@ -131,7 +131,7 @@ def test_sharded_safetensors_index_loads(tmp_path):
 
 
 def test_bfloat16_load_is_the_float32_load_cast():
-    config, params = checkpoints.load_hf_dir(_saved_tiny("llama"), dtype="bfloat16")
+    config, params = checkpoints.load(_saved_tiny("llama"), dtype="bfloat16")
     assert {leaf.dtype for leaf in jax.tree.leaves(params)} == {jnp.dtype(jnp.bfloat16)}
     cast = jax.tree.map(lambda x: x.astype(jnp.bfloat16), checkpoints.load(_saved_tiny("llama"))[1])
     jax.tree.map(np.testing.assert_array_equal, params, cast)
@@ -296,7 +296,7 @@ def test_integer_tensor_dtype_is_named(tmp_path):
 
 def test_unsupported_param_dtype_is_named():
     with pytest.raises(checkpoints.CheckpointError, match="param dtype 'int32' is not supported"):
-        checkpoints.load_hf_dir(_saved_tiny("llama"), dtype=jnp.int32)
+        checkpoints.load(_saved_tiny("llama"), dtype=jnp.int32)
 
 
 def test_truncated_gguf_is_named(tmp_path, real_models):
